@@ -1,0 +1,1 @@
+"""KV blocks, storage tiers (GPU, host memory, Redis) and channels between workers."""

@@ -1,0 +1,1 @@
+"""Everything that runs on a worker: model runner, reuse engine, DHD, KVSharer, worker actor."""
