@@ -1,0 +1,365 @@
+"""Prefill with reuse and decode, one sequence at a time.
+
+Every mode runs through the same code, so comparisons are one setting apart:
+  full        compute every token                      (the reference)
+  prefix      reuse only the exact prefix, compute the rest
+  naive       reuse every matched token, compute only new tokens and the suffix
+  epic        naive + recompute the first ``epic_tokens`` of every reused run
+  cacheblend  layers 0..1 for all tokens; recompute the top r reused tokens by V deviation
+  dhd         layers 0..c for all tokens; recompute the top r by attention x V deviation
+DHD decode (``decode_recompute`` = k > 0) recomputes k more reused tokens at each decode step,
+chosen by the new token's attention at the check layer times their prefill deviation.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from index_service.plan import ReusePlan
+from workers.dhd import epic_positions, select_cacheblend_tokens, select_dhd_tokens, v_deviation
+from workers.errors import (DonorMissingError, DonorShapeError, EmptyPromptError,
+                            FingerprintMismatchError, InvalidParameterError, PromptTooLongError,
+                            TokenOutOfVocabError)
+from workers.kv_cache import KVCache
+from workers.model_runner import LlamaRunner
+from workers.segments import SegmentKV, SegmentStore
+
+MODES = ("full", "prefix", "naive", "epic", "cacheblend", "dhd")
+
+
+@dataclass(frozen=True)
+class ReuseSettings:
+    mode: str = "dhd"
+    recompute_ratio: float = 0.15
+    check_layer: int = 1
+    decode_recompute: int = 3
+    epic_tokens: int = 32
+    suffix_tokens: int = 1
+
+    def validate(self, num_layers: int) -> None:
+        if self.mode not in MODES:
+            raise InvalidParameterError(f"unknown reuse mode {self.mode!r}; one of {', '.join(MODES)}")
+        if not 0.0 <= self.recompute_ratio <= 1.0:
+            raise InvalidParameterError(f"recompute_ratio must be in [0, 1], got {self.recompute_ratio}")
+        if not 0 <= self.check_layer < num_layers - 1:
+            raise InvalidParameterError(f"check_layer must be in [0, {num_layers - 2}], got {self.check_layer}")
+        if self.decode_recompute < 0 or self.epic_tokens < 0 or self.suffix_tokens < 1:
+            raise InvalidParameterError("decode_recompute and epic_tokens must be >= 0, suffix_tokens >= 1")
+
+
+@dataclass
+class PrefillStats:
+    prompt_tokens: int
+    reused_tokens: int = 0  # tokens whose KV came from a donor
+    recomputed_tokens: int = 0  # of those, recomputed through the upper layers
+    computed_tokens: int = 0  # tokens with no donor (always computed)
+    flops_fraction: float = 1.0  # linear-layer FLOPs over a full prefill's
+    ttft_s: float = 0.0
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.reused_tokens - self.recomputed_tokens
+
+
+@dataclass
+class Sequence:
+    token_ids: list[int]
+    prompt_len: int
+    cache: KVCache
+    settings: ReuseSettings
+    stats: PrefillStats
+    k_pre: torch.Tensor | None = None  # pre-RoPE keys of the prompt, for the stored segment
+    hidden_c: torch.Tensor | None = None  # layer-c output of the prompt, for DHD decode
+    deviation: torch.Tensor | None = None  # per-position V deviation at layer c (0 if fresh)
+    stale: torch.Tensor | None = None  # bool per prompt position: reused and not recomputed
+    decode_recomputed: int = 0
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    prompt_tokens: int
+    reused_tokens: int
+    recomputed_tokens: int
+    cached_tokens: int
+    ttft_s: float
+    decode_s: float
+    decode_recomputed: int = 0
+    flops_fraction: float = 1.0
+    first_logits: torch.Tensor | None = field(default=None, repr=False)
+    finish_reason: str = "length"
+
+
+class ReuseEngine:
+    def __init__(self, runner: LlamaRunner, store: SegmentStore | None = None,
+                 settings: ReuseSettings = ReuseSettings(), max_context: int | None = None) -> None:
+        settings.validate(runner.spec.num_layers)
+        self.runner = runner
+        self.store = store
+        self.settings = settings
+        self.max_context = min(max_context or runner.spec.max_position, runner.spec.max_position)
+
+    # ---- validation -------------------------------------------------------------------------
+    def check_prompt(self, token_ids, max_tokens: int = 0) -> list[int]:
+        if isinstance(token_ids, (str, bytes)) or not hasattr(token_ids, "__len__"):
+            raise InvalidParameterError(f"token_ids must be a sequence of ints, got {type(token_ids).__name__}")
+        ids = [int(t) for t in token_ids]
+        if not ids:
+            raise EmptyPromptError("the prompt has no tokens")
+        bad = [t for t in ids if not 0 <= t < self.runner.spec.vocab_size]
+        if bad:
+            raise TokenOutOfVocabError(f"token id {bad[0]} outside the vocabulary [0, {self.runner.spec.vocab_size})")
+        if max_tokens < 0:
+            raise InvalidParameterError(f"max_tokens must be >= 0, got {max_tokens}")
+        if len(ids) + max_tokens > self.max_context:
+            raise PromptTooLongError(f"{len(ids)} prompt tokens + {max_tokens} new tokens exceed the "
+                                     f"model's context of {self.max_context}")
+        return ids
+
+    def _donor(self, donor_id: str) -> SegmentKV:
+        seg = self.store.get(donor_id) if self.store is not None else None
+        if seg is None:
+            raise DonorMissingError(f"donor segment {donor_id!r} is not in the store")
+        r, s = self.runner, self.runner.spec
+        if seg.fingerprint != r.fingerprint:
+            raise FingerprintMismatchError(f"donor {donor_id!r} was computed by model {seg.fingerprint}, "
+                                           f"this worker runs {r.fingerprint}")
+        want = (len(r.kv_layers), s.num_kv_heads, seg.n_tokens, s.head_dim)
+        if tuple(seg.keys.shape) != want or tuple(seg.values.shape) != want or tuple(seg.layers) != r.kv_layers:
+            raise DonorShapeError(f"donor {donor_id!r} KV has shape {tuple(seg.keys.shape)} for layers "
+                                  f"{tuple(seg.layers)}, expected {want} for layers {r.kv_layers}")
+        if seg.keys.dtype != r.dtype or seg.values.dtype != r.dtype:
+            raise DonorShapeError(f"donor {donor_id!r} KV is {seg.keys.dtype}, this worker runs {r.dtype}")
+        if len(seg.token_ids) != seg.n_tokens:
+            raise DonorShapeError(f"donor {donor_id!r} has {len(seg.token_ids)} token ids for {seg.n_tokens} KV rows")
+        return seg
+
+    # ---- placing donor KV -------------------------------------------------------------------
+    def _place(self, seq: Sequence, plan: ReusePlan, ids: list[int]) -> torch.Tensor:
+        """Copy donor KV into the cache at the new positions (keys rotated); returns them."""
+        donor_idx, donor_pos, donor_ids = plan.donor_arrays()
+        dev = self.runner.device
+        placed = []
+        for slot, did in enumerate(donor_ids):
+            seg = self._donor(did)
+            new_pos = np.nonzero(donor_idx == slot)[0]
+            src = donor_pos[new_pos]
+            if src.max() >= seg.n_tokens:
+                raise DonorShapeError(f"plan reads position {src.max()} of donor {did!r} with {seg.n_tokens} tokens")
+            if not np.array_equal(np.asarray(seg.token_ids)[src], np.asarray(ids)[new_pos]):
+                raise DonorShapeError(f"plan maps tokens of donor {did!r} onto different tokens")
+            src_t = torch.as_tensor(src, device=seg.keys.device)
+            new_t = torch.as_tensor(new_pos, device=dev)
+            k_pre = seg.keys.index_select(2, src_t).to(dev, non_blocking=True)
+            seq.cache.k[:, :, new_t] = self.runner.rotate(k_pre, new_t)
+            seq.cache.v[:, :, new_t] = seg.values.index_select(2, src_t).to(dev, non_blocking=True)
+            if seq.k_pre is not None:
+                seq.k_pre[:, :, new_t] = k_pre
+            placed.append(new_t)
+        return torch.cat(placed).sort().values if placed else torch.empty(0, dtype=torch.long, device=dev)
+
+    # ---- prefill ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, token_ids, plan: ReusePlan | None = None, settings: ReuseSettings | None = None,
+                max_tokens: int = 0, keep_segment: bool = True) -> tuple[Sequence, torch.Tensor]:
+        """Returns the sequence state and the logits of the last prompt token."""
+        st = settings or self.settings
+        st.validate(self.runner.spec.num_layers)
+        ids = self.check_prompt(token_ids, max_tokens)
+        t0 = time.perf_counter()
+        r, n = self.runner, len(ids)
+        cache = r.new_cache(n + max_tokens)
+        cache.length = n
+        seq = Sequence(ids, n, cache, st, PrefillStats(prompt_tokens=n))
+        if keep_segment:
+            seq.k_pre = torch.zeros_like(cache.k[:, :, :n])
+        plan = self._effective_plan(plan, st, n)
+        tok = torch.tensor(ids, device=r.device)
+        if plan is None or plan.reused_tokens == 0:
+            logits = self._full(seq, tok)
+        else:
+            reused = self._place(seq, plan, ids)
+            if st.mode in ("cacheblend", "dhd"):
+                logits = self._checked(seq, tok, reused, st)
+            else:
+                extra = epic_positions(plan, st.epic_tokens) if st.mode == "epic" else []
+                logits = self._subset(seq, tok, reused, extra)
+        if r.device.type == "cuda":
+            torch.cuda.synchronize(r.device)
+        seq.stats.ttft_s = time.perf_counter() - t0
+        return seq, logits
+
+    def _effective_plan(self, plan: ReusePlan | None, st: ReuseSettings, n: int) -> ReusePlan | None:
+        if plan is None or st.mode == "full":
+            return None
+        if plan.n_tokens != n:
+            raise InvalidParameterError(f"reuse plan is for {plan.n_tokens} tokens, prompt has {n}")
+        keep_until = n - st.suffix_tokens  # the last tokens are always computed (their logits)
+        limit = plan.prefix_len if st.mode == "prefix" else keep_until
+        limit = min(limit, keep_until)
+        spans = [replace(s, length=min(s.new_end, limit) - s.new_start) for s in plan.spans if s.new_start < limit]
+        if st.mode == "prefix":
+            spans = [s for s in spans if s.new_start == s.donor_start]
+        return ReusePlan(n, spans, prefix_len=min(plan.prefix_len, limit), source=plan.source)
+
+    def _full(self, seq: Sequence, tok: torch.Tensor) -> torch.Tensor:
+        r, n = self.runner, len(tok)
+        h = r.embed(tok)
+        pos = torch.arange(n, device=r.device)
+        for l in range(r.spec.num_layers):
+            h = r.layer(l, h, pos, seq.cache, "causal", seq.k_pre)
+        seq.stats.computed_tokens = n
+        return r.logits(h[-1:])[0]
+
+    def _subset(self, seq: Sequence, tok: torch.Tensor, reused: torch.Tensor, extra: list[int]) -> torch.Tensor:
+        """naive / epic / prefix: only non-reused tokens (plus ``extra``) run, from layer 0."""
+        r, n = self.runner, len(tok)
+        compute = torch.ones(n, dtype=torch.bool, device=r.device)
+        compute[reused] = False
+        n_new = int(compute.sum())
+        if extra:
+            compute[torch.as_tensor(extra, device=r.device)] = True
+        pos = compute.nonzero().squeeze(1)
+        layout = "tail" if int(pos[0]) == n - len(pos) else "mask"
+        h = r.embed(tok[pos])
+        for l in range(r.spec.num_layers):
+            h = r.layer(l, h, pos, seq.cache, layout, seq.k_pre)
+        s = seq.stats
+        s.reused_tokens, s.computed_tokens = len(reused), n_new
+        s.recomputed_tokens = len(pos) - n_new
+        s.flops_fraction = len(pos) / n
+        return r.logits(h[-1:])[0]
+
+    def _checked(self, seq: Sequence, tok: torch.Tensor, reused: torch.Tensor, st: ReuseSettings) -> torch.Tensor:
+        """cacheblend / dhd: all tokens through layers 0..c, then a chosen subset."""
+        r, n = self.runner, len(tok)
+        c = 1 if st.mode == "cacheblend" else st.check_layer
+        L = r.spec.num_layers
+        slot_c = r.kv_slot[c]
+        v_reused = seq.cache.v[slot_c][:, reused].clone()
+        must = torch.ones(n, dtype=torch.bool, device=r.device)
+        must[reused] = False
+        pos = torch.arange(n, device=r.device)
+        h = r.embed(tok)
+        for l in range(c):
+            h = r.layer(l, h, pos, seq.cache, "causal", seq.k_pre)
+        h, q = r.layer(c, h, pos, seq.cache, "causal", seq.k_pre, want_q=True)
+        dev = v_deviation(seq.cache.v[slot_c][:, reused], v_reused)
+        if st.mode == "dhd":
+            must_pos = must.nonzero().squeeze(1)
+            attn = r.attention_received(q[:, must_pos], seq.cache.k[slot_c, :, :n], must_pos, n)
+            chosen = select_dhd_tokens(attn[reused], dev, st.recompute_ratio)
+        else:
+            chosen = select_cacheblend_tokens(dev, st.recompute_ratio)
+        compute = must.clone()
+        compute[reused[chosen]] = True
+        sel = compute.nonzero().squeeze(1)
+        if st.decode_recompute > 0 and st.mode == "dhd":
+            self._keep_for_decode(seq, h, reused, dev, compute)
+        hs = h[sel]
+        for l in range(c + 1, L):
+            hs = r.layer(l, hs, sel, seq.cache, "mask", seq.k_pre)
+        s = seq.stats
+        s.reused_tokens, s.computed_tokens = len(reused), int(must.sum())
+        s.recomputed_tokens = len(chosen)
+        s.flops_fraction = ((c + 1) * n + (L - c - 1) * len(sel)) / (L * n)
+        return r.logits(hs[-1:])[0]
+
+    def _keep_for_decode(self, seq: Sequence, h_c: torch.Tensor, reused: torch.Tensor,
+                         dev: torch.Tensor, compute: torch.Tensor) -> None:
+        n = len(compute)
+        seq.hidden_c = h_c
+        seq.deviation = torch.zeros(n, dtype=torch.float32, device=h_c.device)
+        seq.deviation[reused] = dev
+        seq.stale = torch.zeros(n, dtype=torch.bool, device=h_c.device)
+        seq.stale[reused] = True
+        seq.stale &= ~compute
+
+    # ---- decode -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode_step(self, seq: Sequence, token: int) -> torch.Tensor:
+        """Append ``token`` at the next position; returns the logits for the one after it."""
+        r = self.runner
+        t = seq.cache.length
+        if t >= seq.cache.capacity:
+            seq.cache.grow(t + 64)
+        seq.cache.length = t + 1
+        seq.token_ids.append(token)
+        pos = torch.tensor([t], device=r.device)
+        h = r.embed(torch.tensor([token], device=r.device))
+        k = seq.settings.decode_recompute
+        if k > 0 and seq.stale is not None and bool(seq.stale.any()):
+            return self._decode_with_recompute(seq, h, pos, k)
+        for l in range(r.spec.num_layers):
+            h = r.layer(l, h, pos, seq.cache, "tail")
+        return r.logits(h)[0]
+
+    def _decode_with_recompute(self, seq: Sequence, h: torch.Tensor, pos: torch.Tensor, k: int) -> torch.Tensor:
+        r, st = self.runner, seq.settings
+        c, n = st.check_layer, seq.cache.length
+        for l in range(c):
+            h = r.layer(l, h, pos, seq.cache, "tail")
+        h, q = r.layer(c, h, pos, seq.cache, "tail", want_q=True)
+        attn = r.attention_received(q, seq.cache.k[r.kv_slot[c], :, :n], pos, n)[:seq.prompt_len]
+        score = torch.where(seq.stale, attn * seq.deviation, torch.full_like(attn, -1.0))
+        chosen = torch.topk(score, min(k, int(seq.stale.sum()))).indices.sort().values
+        seq.stale[chosen] = False
+        seq.decode_recomputed += len(chosen)
+        sel = torch.cat([chosen, pos])
+        hs = torch.cat([seq.hidden_c[chosen], h])
+        for l in range(c + 1, r.spec.num_layers):
+            hs = r.layer(l, hs, sel, seq.cache, "mask")
+        return r.logits(hs[-1:])[0]
+
+    # ---- whole requests ---------------------------------------------------------------------
+    def generate(self, token_ids, plan: ReusePlan | None = None, max_tokens: int = 64,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 stop_ids: tuple[int, ...] | None = None, settings: ReuseSettings | None = None,
+                 keep_segment: bool = False) -> tuple[GenerationResult, Sequence]:
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise InvalidParameterError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
+        seq, logits = self.prefill(token_ids, plan, settings, max_tokens, keep_segment)
+        stop = set(self.runner.spec.eos_token_ids if stop_ids is None else stop_ids)
+        gen = torch.Generator(device="cpu").manual_seed(seed if seed is not None else 0)
+        first_logits, out, reason = logits.float().cpu(), [], "length"
+        t0 = time.perf_counter()
+        for i in range(max_tokens):
+            nxt = sample(logits, temperature, top_p, gen)
+            out.append(nxt)
+            if nxt in stop:
+                reason = "stop"
+                break
+            if i + 1 < max_tokens:
+                logits = self.decode_step(seq, nxt)
+        if self.runner.device.type == "cuda":
+            torch.cuda.synchronize(self.runner.device)
+        s = seq.stats
+        res = GenerationResult(out, s.prompt_tokens, s.reused_tokens, s.recomputed_tokens, s.cached_tokens,
+                               s.ttft_s, time.perf_counter() - t0, seq.decode_recomputed,
+                               s.flops_fraction, first_logits, reason)
+        return res, seq
+
+    def segment_of(self, seq: Sequence, segment_id: str, tenant: str = "default",
+                   scope: str = "private", device: str | torch.device | None = None) -> SegmentKV:
+        """The prompt's KV as a storable segment (keys before RoPE)."""
+        if seq.k_pre is None:
+            raise InvalidParameterError("prefill ran with keep_segment=False; no segment to store")
+        n = seq.prompt_len
+        dev = device or self.runner.device
+        return SegmentKV(segment_id, self.runner.fingerprint, np.asarray(seq.token_ids[:n], dtype=np.int32),
+                         seq.k_pre[:, :, :n].to(dev).clone(), seq.cache.v[:, :, :n].to(dev).clone(),
+                         self.runner.kv_layers, tenant, scope)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+    if top_p < 1.0:
+        sp, si = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sp, 0) - sp < top_p
+        probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))

@@ -1,0 +1,204 @@
+"""A compact Llama-family runner (Llama, Qwen2, Mistral) built for KV reuse.
+
+What it does that a stock model does not: it runs any subset of tokens at any positions against a
+KV cache that mixes fresh and reused entries (causal mask by position), hands out keys before
+RoPE, runs layer by layer so the reuse engine can stop at a check layer, and lets a layer attend
+over another layer's KV (KVSharer) without computing its own K/V.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import xxhash
+
+from workers.kv_cache import KVCache
+from workers.model_spec import ModelSpec
+from workers.rope import Rope, apply_rope
+
+try:  # lower-right causal masks let a suffix attend to a cached prefix on flash kernels
+    from torch.nn.attention.bias import causal_lower_right
+except ImportError:  # pragma: no cover - old torch
+    causal_lower_right = None
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor
+    w_qkv: torch.Tensor  # [q + 2*kv, hidden], or [q, hidden] when the layer shares another's KV
+    b_qkv: torch.Tensor | None
+    w_o: torch.Tensor
+    mlp_norm: torch.Tensor
+    w_gate_up: torch.Tensor  # [2*inter, hidden]
+    w_down: torch.Tensor
+
+
+class LlamaRunner:
+    def __init__(self, spec: ModelSpec, embed: torch.Tensor, layers: list[LayerWeights],
+                 final_norm: torch.Tensor, lm_head: torch.Tensor, name: str = "model",
+                 kv_source: list[int] | None = None) -> None:
+        self.spec = spec
+        self.name = name
+        self.embed_w = embed
+        self.layers = layers
+        self.final_norm = final_norm
+        self.lm_head = lm_head
+        self.device = embed.device
+        self.dtype = embed.dtype
+        self.rope = Rope(spec, self.device)
+        self.scale = spec.head_dim ** -0.5
+        self.kv_source = list(kv_source) if kv_source else list(range(spec.num_layers))
+        self._set_slots()
+        self.fingerprint = self._fingerprint()
+
+    # ---- identity -------------------------------------------------------------------------
+    def _set_slots(self) -> None:
+        owners = [l for l in range(self.spec.num_layers) if self.kv_source[l] == l]
+        self.kv_layers: tuple[int, ...] = tuple(owners)  # layers that own (store) KV
+        slot = {l: i for i, l in enumerate(owners)}
+        self.kv_slot = [slot[self.kv_source[l]] for l in range(self.spec.num_layers)]
+
+    def _fingerprint(self) -> str:
+        h = xxhash.xxh64()
+        h.update(repr(sorted(self.spec.to_dict().items())).encode())
+        h.update(str(self.dtype).encode())
+        h.update(repr(self.kv_source).encode())
+        for t in (self.embed_w, self.layers[0].w_qkv, self.layers[-1].w_down):
+            h.update(t.reshape(-1)[:4096].float().cpu().numpy().tobytes())
+        return f"{self.name}-{h.hexdigest()}"
+
+    def share_kv(self, kv_source: list[int]) -> None:
+        """Apply a KVSharer map: layer l attends over layer kv_source[l]'s KV (kv_source[l] <= l)."""
+        if len(kv_source) != self.spec.num_layers:
+            raise ValueError(f"kv_source has {len(kv_source)} entries, model has {self.spec.num_layers} layers")
+        for l, src in enumerate(kv_source):
+            if not 0 <= src <= l or kv_source[src] != src:
+                raise ValueError(f"layer {l} cannot share layer {src}'s KV (source must be an earlier owner)")
+        q = self.spec.q_size
+        for l, src in enumerate(kv_source):
+            if src != l:
+                lw = self.layers[l]
+                lw.w_qkv = lw.w_qkv[:q].contiguous()  # a shared layer never computes K/V
+                lw.b_qkv = None if lw.b_qkv is None else lw.b_qkv[:q].contiguous()
+        self.kv_source = list(kv_source)
+        self._set_slots()
+        self.fingerprint = self._fingerprint()
+
+    # ---- building blocks ------------------------------------------------------------------
+    def new_cache(self, capacity: int) -> KVCache:
+        s = self.spec
+        return KVCache.empty(len(self.kv_layers), s.num_kv_heads, capacity, s.head_dim,
+                             self.dtype, self.device)
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(token_ids, self.embed_w)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(self._norm(h, self.final_norm), self.lm_head)
+
+    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), w, self.spec.rms_norm_eps)
+
+    def qkv(self, layer: int, h: torch.Tensor, positions: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """q rotated [H, m, d]; k before RoPE and v [Hkv, m, d] (None for a shared layer)."""
+        s, lw = self.spec, self.layers[layer]
+        x = F.linear(self._norm(h, lw.attn_norm), lw.w_qkv, lw.b_qkv)
+        m = h.shape[0]
+        cos, sin = self.rope.cos_sin(positions, h.dtype)
+        q = apply_rope(x[:, :s.q_size].view(m, s.num_heads, s.head_dim).transpose(0, 1), cos, sin)
+        if x.shape[1] == s.q_size:
+            return q, None, None
+        k = x[:, s.q_size:s.q_size + s.kv_size].view(m, s.num_kv_heads, s.head_dim).transpose(0, 1)
+        v = x[:, s.q_size + s.kv_size:].view(m, s.num_kv_heads, s.head_dim).transpose(0, 1)
+        return q, k, v
+
+    def rotate(self, k_pre: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        cos, sin = self.rope.cos_sin(positions, k_pre.dtype)
+        return apply_rope(k_pre, cos, sin)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               positions: torch.Tensor, n_keys: int, layout: str) -> torch.Tensor:
+        """q [H, m, d] over keys 0..n_keys-1 [Hkv, n, d]; returns [m, H*d].
+
+        layout: "causal" (queries are positions 0..m-1), "tail" (queries are the last m positions),
+        "mask" (any sorted positions: causal mask by position).
+        """
+        s = self.spec
+        groups = s.num_heads // s.num_kv_heads
+        m = q.shape[1]
+        if layout == "causal":
+            o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True,
+                                               scale=self.scale, enable_gqa=groups > 1)
+        elif layout == "tail" and (m == 1 or causal_lower_right is not None):
+            mask = None if m == 1 else causal_lower_right(m, n_keys)
+            o = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask,
+                                               scale=self.scale, enable_gqa=groups > 1)
+        else:
+            key_pos = torch.arange(n_keys, device=q.device)
+            mask = key_pos[None, :] <= positions[:, None]
+            if groups > 1:  # masked kernels want matching head counts
+                k = k.repeat_interleave(groups, dim=0)
+                v = v.repeat_interleave(groups, dim=0)
+            o = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask[None, None],
+                                               scale=self.scale)
+        return o[0].transpose(0, 1).reshape(m, s.num_heads * s.head_dim)
+
+    def attention_received(self, q: torch.Tensor, k: torch.Tensor, q_positions: torch.Tensor,
+                           n_keys: int, chunk: int = 256) -> torch.Tensor:
+        """Attention each key 0..n_keys-1 receives from the queries q [H, m, d], summed over
+        queries and heads (causal by position). Used to score reused tokens (DHD)."""
+        s = self.spec
+        groups = s.num_heads // s.num_kv_heads
+        kk = k.repeat_interleave(groups, dim=0).float() if groups > 1 else k.float()
+        key_pos = torch.arange(n_keys, device=q.device)
+        total = torch.zeros(n_keys, dtype=torch.float32, device=q.device)
+        for i in range(0, q.shape[1], chunk):
+            qs = q[:, i:i + chunk].float()
+            scores = torch.matmul(qs, kk.transpose(1, 2)) * self.scale
+            allowed = key_pos[None, :] <= q_positions[i:i + chunk, None]
+            probs = torch.softmax(scores.masked_fill(~allowed[None], float("-inf")), dim=-1)
+            total += probs.sum(dim=(0, 1))
+        return total
+
+    def mlp(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        lw = self.layers[layer]
+        gate, up = F.linear(self._norm(h, lw.mlp_norm), lw.w_gate_up).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, lw.w_down)
+
+    # ---- one layer over a subset of tokens ------------------------------------------------
+    def layer(self, layer: int, h: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+              layout: str, k_pre_out: torch.Tensor | None = None, want_q: bool = False):
+        """Run ``layer`` for tokens at ``positions`` (sorted, cache slot = position). Writes their
+        K/V into the cache (before attention, so the subset sees its own fresh KV) and returns
+        the new hidden states (and the rotated queries when ``want_q``)."""
+        q, k, v = self.qkv(layer, h, positions)
+        slot = self.kv_slot[layer]
+        if k is not None:
+            if k_pre_out is not None:
+                k_pre_out[slot][:, positions] = k
+            cache.write(slot, positions, self.rotate(k, positions), v, layout)
+        n = cache.length
+        attn = self.attend(q, cache.k[slot, :, :n], cache.v[slot, :, :n], positions, n, layout)
+        h = h + F.linear(attn, self.layers[layer].w_o)
+        h = h + self.mlp(layer, h)
+        return (h, q) if want_q else h
+
+    @torch.inference_mode()
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                layout: str = "mask") -> torch.Tensor:
+        """All layers for tokens at positions; returns hidden states after the last layer."""
+        h = self.embed(token_ids)
+        for l in range(self.spec.num_layers):
+            h = self.layer(l, h, positions, cache, layout)
+        return h
+
+    @torch.inference_mode()
+    def prefill_logits(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Plain full prefill; logits for every position (used to test against transformers)."""
+        n = token_ids.shape[0]
+        cache = self.new_cache(n)
+        cache.length = n
+        h = self.forward(token_ids, torch.arange(n, device=self.device), cache, "causal")
+        return self.logits(h)
