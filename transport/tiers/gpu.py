@@ -1,0 +1,92 @@
+"""GPU tier: blocks as tensors on the worker's device, LRU within a byte budget.
+
+Without CUDA it keeps CPU tensors, so the same code is tested on CPU-only machines. Blocks are
+verified with a device-side checksum (see transport/checksum.py): xxh64 would need a copy to the
+host on every read.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from transport.block import KVBlock
+from transport.checksum import device_checksums
+from transport.tiers.base import LRUBytes, TierStats
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+class GPUTier:
+    name = "gpu"
+
+    def __init__(self, budget_bytes: int, device: torch.device | str | None = None,
+                 verify: bool = True) -> None:
+        self.device = torch.device(device) if device is not None else default_device()
+        self.verify = verify
+        self.stats = TierStats()
+        self._lru: LRUBytes[tuple[KVBlock, int]] = LRUBytes(budget_bytes)
+
+    @property
+    def used_bytes(self) -> int:
+        return self._lru.used
+
+    def _own_copy(self, t: torch.Tensor) -> torch.Tensor:
+        # Always copy: the caller's tensor may be a view into a larger segment (its storage would
+        # stay alive, outside the budget) or may be overwritten later.
+        out = torch.empty(t.shape, dtype=t.dtype, device=self.device)
+        out.copy_(t, non_blocking=True)
+        return out
+
+    def put_many(self, items: Sequence[tuple[str, KVBlock]]) -> list[KVBlock | None]:
+        """Store copies on the device; returns them (None where a block can never fit)."""
+        fits = [(k, b) for k, b in items if b.nbytes <= self._lru.budget]
+        self.stats.dropped_writes += len(items) - len(fits)
+        copies = [KVBlock(b.fingerprint, b.layers, b.token_hash,
+                          self._own_copy(b.keys), self._own_copy(b.values)) for _, b in fits]
+        sums = self._checksums(copies) if self.verify else [0] * len(copies)
+        stored = {}
+        for (key, _), blk, ck in zip(fits, copies, sums):
+            evicted = self._lru.put(key, (blk, ck), blk.nbytes)
+            self.stats.bytes_in += blk.nbytes
+            self.stats.evictions += len(evicted or ())
+            stored[key] = blk
+        return [stored.get(k) for k, _ in items]
+
+    @staticmethod
+    def _checksums(blocks: Sequence[KVBlock]) -> list[int]:
+        flat = device_checksums([t for b in blocks for t in (b.keys, b.values)])
+        return [(flat[2 * i] * 31 + flat[2 * i + 1]) & ((1 << 64) - 1) for i in range(len(blocks))]
+
+    def get_many(self, keys: Sequence[str]) -> list[KVBlock | None]:
+        entries = [self._lru.get(k) for k in keys]
+        found = [i for i, e in enumerate(entries) if e is not None]
+        if self.verify and found:
+            now = self._checksums([entries[i][0] for i in found])
+            for i, ck in zip(found, now):
+                if ck != entries[i][1]:
+                    self._lru.pop(keys[i])
+                    self.stats.corrupt += 1
+                    entries[i] = None
+        out: list[KVBlock | None] = []
+        for e in entries:
+            if e is None:
+                self.stats.misses += 1
+                out.append(None)
+            else:
+                self.stats.hits += 1
+                self.stats.bytes_out += e[0].nbytes
+                out.append(e[0])
+        return out
+
+    def contains(self, key: str) -> bool:
+        return key in self._lru
+
+    def evict(self, key: str) -> bool:
+        return self._lru.pop(key) is not None
+
+    def __len__(self) -> int:
+        return len(self._lru)
