@@ -99,14 +99,18 @@ def test_rayservice_shape() -> None:
     head_c = C.container(head["template"])
     assert "nvidia.com/gpu" not in str(head_c.get("resources"))
     for probe in ("livenessProbe", "readinessProbe"):
-        assert head_c[probe]["httpGet"]["port"] == 8265
+        assert "localhost:8265/api/gcs_healthz" in head_c[probe]["exec"]["command"][-1]
     w = C.worker_group(docs)
     assert w["groupName"] == "gpu-workers"
     assert (w["replicas"], w["minReplicas"], w["maxReplicas"]) == (1, 1, 4)
     assert cluster["enableInTreeAutoscaling"] is False and "autoscalerOptions" not in cluster
     wc = C.container(w["template"])
     for probe in ("livenessProbe", "readinessProbe"):
-        assert wc[probe]["httpGet"]["port"] == 52365
+        assert "localhost:52365/api/local_raylet_healthz" in wc[probe]["exec"]["command"][-1]
+    assert "localhost:8000/-/healthz" in wc["readinessProbe"]["exec"]["command"][-1]
+    # null leaves the probes to KubeRay's defaults
+    docs_no_probes = C.render({"rayService": {"worker": {"livenessProbe": None, "readinessProbe": None}}})
+    assert "readinessProbe" not in C.container(C.worker_group(docs_no_probes)["template"])
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in w["template"]["spec"]["tolerations"]
     # the Serve app: import path from values, config path passed as an argument
     serve = yaml.safe_load(rs["spec"]["serveConfigV2"])
@@ -309,3 +313,18 @@ def test_validators_catch_mistakes() -> None:
     sts["spec"]["volumeClaimTemplates"][0]["spec"]["storageClass"] = "fast"
     with pytest.raises(jsonschema.ValidationError, match="storageClass"):
         C.validate(sts)
+
+
+def test_readme_gpu_example_renders_and_validates() -> None:
+    """The GPU values file shown in helm/README.md is valid and does what it says."""
+    readme = (C.CHART.parent / "README.md").read_text()
+    block = readme.split("```yaml\n# gpu-values.yaml", 1)[1].split("\n", 1)[1].split("```", 1)[0]
+    values = yaml.safe_load(block)
+    docs = C.render(values)
+    for doc in docs:
+        C.validate(doc)
+    w = C.worker_group(docs)
+    assert C.container(w["template"])["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert {"name": "models", "mountPath": "/models", "readOnly": True} in C.container(w["template"])["volumeMounts"]
+    cfg = yaml.safe_load(C.config_text(docs))
+    assert cfg["cluster"]["num_workers"] == 16 and cfg["tiers"]["gpu_bytes"] == 40 << 30
