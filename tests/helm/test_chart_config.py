@@ -122,3 +122,12 @@ def test_schema_config_section_tracks_the_loader() -> None:
         # keys whose default is null are dropped by Helm when it reads values.yaml
         nullable = {k for k in missing if "null" in str(sub["properties"][k].get("type"))}
         assert missing == nullable, (section, missing - nullable)
+
+
+def test_scale_from_zero_still_gives_a_valid_config(tmp_path: Path) -> None:
+    values = {"autoscaling": {"enabled": True},
+              "rayService": {"worker": {"replicas": 0, "minReplicas": 0, "maxReplicas": 8, "gpus": 2}}}
+    docs = C.render(values)
+    for doc in docs:
+        C.validate(doc)
+    assert _load(docs, tmp_path).cluster.num_workers == 1

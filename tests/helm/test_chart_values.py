@@ -96,3 +96,62 @@ def test_set_strings_are_checked_too() -> None:
                                      "rayService.worker.minReplicas=2")
     C.chart().validate_schema(values)
     assert C.worker_group(C.render(values))["rayStartParams"]["num-gpus"] == "8"
+
+
+def _schema_paths(schema: dict, prefix: tuple = ()) -> set[tuple]:
+    paths = set()
+    for key, sub in schema.get("properties", {}).items():
+        paths.add(prefix + (key,))
+        paths |= _schema_paths(sub, prefix + (key,))
+    return paths
+
+
+def test_values_yaml_documents_every_key() -> None:
+    """Each key of values.yaml that the schema knows has a comment right above it (or its
+    section has one), and the schema knows every key values.yaml sets."""
+    import re
+
+    known = _schema_paths(C.chart().schema)
+    lines = (C.CHART / "values.yaml").read_text().splitlines()
+    stack: list[tuple[int, str]] = []
+    undocumented, unknown = [], []
+    for i, line in enumerate(lines):
+        m = re.match(r"^( *)([A-Za-z_][\w.-]*):", line)
+        if not m or line.lstrip().startswith("#"):
+            continue
+        indent, key = len(m.group(1)), m.group(2)
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        path = tuple(k for _, k in stack) + (key,)
+        stack.append((indent, key))
+        if any(path[:k] in known and not _schema_paths(_sub(C.chart().schema, path[:k]))
+               for k in range(1, len(path))):
+            continue  # inside a free-form default (resources, probes, ...)
+        if path not in known:
+            unknown.append(".".join(path))
+            continue
+        prev = next((lines[j] for j in range(i - 1, -1, -1) if lines[j].strip()), "")
+        if not prev.lstrip().startswith("#") and not line.rstrip().endswith(":"):
+            undocumented.append(".".join(path))
+    assert unknown == [], f"values.yaml keys missing from values.schema.json: {unknown}"
+    assert undocumented == [], f"values.yaml keys without a comment: {undocumented}"
+
+
+def _sub(schema: dict, path: tuple) -> dict:
+    for key in path:
+        schema = schema["properties"][key]
+    return schema
+
+
+def test_chart_packages() -> None:
+    """`helm package` works and the archive renders like the directory."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = C.helm.package(str(C.CHART), destination=tmp)
+        assert archive.endswith("kvcluster-0.1.0.tgz")
+        with open(archive, "rb") as f:
+            packed = C.helm.Chart.load_archive(f.read())
+        rendered = packed.render({}, name=C.RELEASE, namespace=C.NAMESPACE, is_install=True)
+        assert rendered == C.render_files({})
+        assert packed.schema == C.chart().schema

@@ -110,7 +110,7 @@ keys the chart owns (service URLs, serve host/port, cluster address, worker coun
 {{- $cluster := default dict (get $cfg "cluster") -}}
 {{- $_ := set $cluster "address" "auto" -}}
 {{- if not (get $cluster "num_workers") -}}
-{{- $_ := set $cluster "num_workers" (mul (int $w.replicas) (max 1 (int $w.gpus))) -}}
+{{- $_ := set $cluster "num_workers" (max 1 (mul (int $w.replicas) (max 1 (int $w.gpus)))) -}}
 {{- end -}}
 {{- $_ := set $cfg "cluster" $cluster -}}
 {{- toYaml $cfg -}}
