@@ -156,7 +156,7 @@ def _parse_header(raw: memoryview) -> dict:
         raise BlockFormatError("header has wrong fields")
     if h["v"] != FORMAT_VERSION:
         raise BlockFormatError(f"unknown block format version {h['v']!r}")
-    if not isinstance(h["fp"], str) or h["dt"] not in DTYPES:
+    if not isinstance(h["fp"], str) or not isinstance(h["dt"], str) or h["dt"] not in DTYPES:
         raise BlockFormatError("bad fingerprint or dtype in header")
     shape, layers = h["shape"], h["layers"]
     if (not isinstance(shape, list) or len(shape) != 4
