@@ -73,6 +73,7 @@ class Sequence:
     stats: PrefillStats
     k_pre: torch.Tensor | None = None  # pre-RoPE keys of the prompt, for the stored segment
     hidden_c: torch.Tensor | None = None  # layer-c output of the prompt, for DHD decode
+    hidden_offset: int = 0  # position of hidden_c's first row (the exact prefix is skipped)
     deviation: torch.Tensor | None = None  # per-position V deviation at layer c (0 if fresh)
     stale: torch.Tensor | None = None  # bool per prompt position: reused and not recomputed
     decode_recomputed: int = 0
@@ -183,7 +184,7 @@ class ReuseEngine:
         else:
             reused = self._place(seq, plan, ids)
             if st.mode in ("cacheblend", "dhd"):
-                logits = self._checked(seq, tok, reused, st)
+                logits = self._checked(seq, tok, reused, st, plan.prefix_len)
             else:
                 extra = epic_positions(plan, st.epic_tokens) if st.mode == "epic" else []
                 logits = self._subset(seq, tok, reused, extra)
@@ -208,9 +209,9 @@ class ReuseEngine:
     def _full(self, seq: Sequence, tok: torch.Tensor) -> torch.Tensor:
         r, n = self.runner, len(tok)
         h = r.embed(tok)
-        pos = torch.arange(n, device=r.device)
+        p = r.positions(torch.arange(n, device=r.device), "causal", n)
         for l in range(r.spec.num_layers):
-            h = r.layer(l, h, pos, seq.cache, "causal", seq.k_pre)
+            h = r.layer(l, h, p, seq.cache, k_pre_out=seq.k_pre)
         seq.stats.computed_tokens = n
         return r.logits(h[-1:])[0]
 
@@ -225,57 +226,64 @@ class ReuseEngine:
         pos = compute.nonzero().squeeze(1)
         layout = "tail" if int(pos[0]) == n - len(pos) else "mask"
         h = r.embed(tok[pos])
+        p = r.positions(pos, layout, n)
         for l in range(r.spec.num_layers):
-            h = r.layer(l, h, pos, seq.cache, layout, seq.k_pre)
+            h = r.layer(l, h, p, seq.cache, k_pre_out=seq.k_pre)
         s = seq.stats
         s.reused_tokens, s.computed_tokens = len(reused), n_new
         s.recomputed_tokens = len(pos) - n_new
         s.flops_fraction = len(pos) / n
         return r.logits(h[-1:])[0]
 
-    def _checked(self, seq: Sequence, tok: torch.Tensor, reused: torch.Tensor, st: ReuseSettings) -> torch.Tensor:
-        """cacheblend / dhd: all tokens through layers 0..c, then a chosen subset."""
+    def _checked(self, seq: Sequence, tok: torch.Tensor, reused: torch.Tensor, st: ReuseSettings,
+                 prefix: int) -> torch.Tensor:
+        """cacheblend / dhd: tokens after the exact prefix through layers 0..c, then a subset.
+
+        The exact prefix (same tokens, same positions, same history) is already exact KV: it is
+        neither run through layers 0..c nor a candidate for recomputation."""
         r, n = self.runner, len(tok)
         c = 1 if st.mode == "cacheblend" else st.check_layer
         L = r.spec.num_layers
         slot_c = r.kv_slot[c]
-        v_reused = seq.cache.v[slot_c][:, reused].clone()
+        cand = reused[reused >= prefix]
+        v_reused = seq.cache.v[slot_c][:, cand].clone()
         must = torch.ones(n, dtype=torch.bool, device=r.device)
         must[reused] = False
-        pos = torch.arange(n, device=r.device)
-        h = r.embed(tok)
+        p_all = r.positions(torch.arange(prefix, n, device=r.device), "causal" if prefix == 0 else "tail", n)
+        h = r.embed(tok[prefix:])
         for l in range(c):
-            h = r.layer(l, h, pos, seq.cache, "causal", seq.k_pre)
-        h, q = r.layer(c, h, pos, seq.cache, "causal", seq.k_pre, want_q=True)
-        dev = v_deviation(seq.cache.v[slot_c][:, reused], v_reused)
+            h = r.layer(l, h, p_all, seq.cache, k_pre_out=seq.k_pre)
+        h, q = r.layer(c, h, p_all, seq.cache, k_pre_out=seq.k_pre, want_q=True)
+        dev = v_deviation(seq.cache.v[slot_c][:, cand], v_reused)
         if st.mode == "dhd":
             must_pos = must.nonzero().squeeze(1)
-            attn = r.attention_received(q[:, must_pos], seq.cache.k[slot_c, :, :n], must_pos, n)
-            chosen = select_dhd_tokens(attn[reused], dev, st.recompute_ratio)
+            attn = r.attention_received(q[:, must_pos - prefix], seq.cache.k[slot_c, :, :n], must_pos, n)
+            chosen = select_dhd_tokens(attn[cand], dev, st.recompute_ratio)
         else:
             chosen = select_cacheblend_tokens(dev, st.recompute_ratio)
         compute = must.clone()
-        compute[reused[chosen]] = True
+        compute[cand[chosen]] = True
         sel = compute.nonzero().squeeze(1)
         if st.decode_recompute > 0 and st.mode == "dhd":
-            self._keep_for_decode(seq, h, reused, dev, compute)
-        hs = h[sel]
+            self._keep_for_decode(seq, h, prefix, cand, dev, compute)
+        hs = h[sel - prefix]
+        p_sel = r.positions(sel, "mask", n)
         for l in range(c + 1, L):
-            hs = r.layer(l, hs, sel, seq.cache, "mask", seq.k_pre)
+            hs = r.layer(l, hs, p_sel, seq.cache, k_pre_out=seq.k_pre)
         s = seq.stats
         s.reused_tokens, s.computed_tokens = len(reused), int(must.sum())
         s.recomputed_tokens = len(chosen)
-        s.flops_fraction = ((c + 1) * n + (L - c - 1) * len(sel)) / (L * n)
+        s.flops_fraction = ((c + 1) * (n - prefix) + (L - c - 1) * len(sel)) / (L * n)
         return r.logits(hs[-1:])[0]
 
-    def _keep_for_decode(self, seq: Sequence, h_c: torch.Tensor, reused: torch.Tensor,
+    def _keep_for_decode(self, seq: Sequence, h_c: torch.Tensor, offset: int, cand: torch.Tensor,
                          dev: torch.Tensor, compute: torch.Tensor) -> None:
         n = len(compute)
-        seq.hidden_c = h_c
+        seq.hidden_c, seq.hidden_offset = h_c, offset
         seq.deviation = torch.zeros(n, dtype=torch.float32, device=h_c.device)
-        seq.deviation[reused] = dev
+        seq.deviation[cand] = dev
         seq.stale = torch.zeros(n, dtype=torch.bool, device=h_c.device)
-        seq.stale[reused] = True
+        seq.stale[cand] = True
         seq.stale &= ~compute
 
     # ---- decode -----------------------------------------------------------------------------
@@ -293,25 +301,28 @@ class ReuseEngine:
         k = seq.settings.decode_recompute
         if k > 0 and seq.stale is not None and bool(seq.stale.any()):
             return self._decode_with_recompute(seq, h, pos, k)
+        p = r.positions(pos, "tail", t + 1)
         for l in range(r.spec.num_layers):
-            h = r.layer(l, h, pos, seq.cache, "tail")
+            h = r.layer(l, h, p, seq.cache)
         return r.logits(h)[0]
 
     def _decode_with_recompute(self, seq: Sequence, h: torch.Tensor, pos: torch.Tensor, k: int) -> torch.Tensor:
         r, st = self.runner, seq.settings
         c, n = st.check_layer, seq.cache.length
+        p = r.positions(pos, "tail", n)
         for l in range(c):
-            h = r.layer(l, h, pos, seq.cache, "tail")
-        h, q = r.layer(c, h, pos, seq.cache, "tail", want_q=True)
+            h = r.layer(l, h, p, seq.cache)
+        h, q = r.layer(c, h, p, seq.cache, want_q=True)
         attn = r.attention_received(q, seq.cache.k[r.kv_slot[c], :, :n], pos, n)[:seq.prompt_len]
         score = torch.where(seq.stale, attn * seq.deviation, torch.full_like(attn, -1.0))
         chosen = torch.topk(score, min(k, int(seq.stale.sum()))).indices.sort().values
         seq.stale[chosen] = False
         seq.decode_recomputed += len(chosen)
         sel = torch.cat([chosen, pos])
-        hs = torch.cat([seq.hidden_c[chosen], h])
+        hs = torch.cat([seq.hidden_c[chosen - seq.hidden_offset], h])
+        p_sel = r.positions(sel, "mask", n)
         for l in range(c + 1, r.spec.num_layers):
-            hs = r.layer(l, hs, sel, seq.cache, "mask")
+            hs = r.layer(l, hs, p_sel, seq.cache)
         return r.logits(hs[-1:])[0]
 
     # ---- whole requests ---------------------------------------------------------------------

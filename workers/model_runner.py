@@ -17,10 +17,6 @@ from workers.kv_cache import KVCache
 from workers.model_spec import ModelSpec
 from workers.rope import Rope, apply_rope
 
-try:  # lower-right causal masks let a suffix attend to a cached prefix on flash kernels
-    from torch.nn.attention.bias import causal_lower_right
-except ImportError:  # pragma: no cover - old torch
-    causal_lower_right = None
 
 
 @dataclass
@@ -100,64 +96,65 @@ class LlamaRunner:
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), w, self.spec.rms_norm_eps)
 
-    def qkv(self, layer: int, h: torch.Tensor, positions: torch.Tensor
+    def positions(self, pos: torch.Tensor, layout: str, n_keys: int | None = None) -> "Positions":
+        return Positions.build(self, pos, layout, n_keys)
+
+    def qkv(self, layer: int, h: torch.Tensor, p: "Positions", k_pre_out: torch.Tensor | None = None
             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """q rotated [H, m, d]; k before RoPE and v [Hkv, m, d] (None for a shared layer)."""
+        """q and k rotated [H|Hkv, m, d] and v (None for a shared layer); pre-RoPE keys go to
+        ``k_pre_out`` on the way."""
         s, lw = self.spec, self.layers[layer]
         x = F.linear(self._norm(h, lw.attn_norm), lw.w_qkv, lw.b_qkv)
         m = h.shape[0]
-        cos, sin = self.rope.cos_sin(positions, h.dtype)
-        q = apply_rope(x[:, :s.q_size].view(m, s.num_heads, s.head_dim).transpose(0, 1), cos, sin)
-        if x.shape[1] == s.q_size:
+        owns_kv = x.shape[1] > s.q_size
+        heads = s.num_heads + (s.num_kv_heads if owns_kv else 0)
+        qk = x[:, :heads * s.head_dim].view(m, heads, s.head_dim).transpose(0, 1)
+        if owns_kv and k_pre_out is not None:
+            k_pre_out[self.kv_slot[layer]][:, p.pos] = qk[s.num_heads:]
+        qk = apply_rope(qk, p.cos, p.sin)  # one rotation for q and k together
+        q = qk[:s.num_heads]
+        if not owns_kv:
             return q, None, None
-        k = x[:, s.q_size:s.q_size + s.kv_size].view(m, s.num_kv_heads, s.head_dim).transpose(0, 1)
         v = x[:, s.q_size + s.kv_size:].view(m, s.num_kv_heads, s.head_dim).transpose(0, 1)
-        return q, k, v
+        return q, qk[s.num_heads:], v
 
     def rotate(self, k_pre: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         cos, sin = self.rope.cos_sin(positions, k_pre.dtype)
         return apply_rope(k_pre, cos, sin)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               positions: torch.Tensor, n_keys: int, layout: str) -> torch.Tensor:
-        """q [H, m, d] over keys 0..n_keys-1 [Hkv, n, d]; returns [m, H*d].
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: "Positions") -> torch.Tensor:
+        """q [H, m, d] over cached keys [Hkv, n, d]; returns [m, H*d].
 
-        layout: "causal" (queries are positions 0..m-1), "tail" (queries are the last m positions),
-        "mask" (any sorted positions: causal mask by position).
+        "causal" (queries are positions 0..m-1) goes to the flash kernel with native GQA. Any other
+        layout folds the query heads of a KV group into the query axis ([Hkv, g*m, d]) so masked
+        kernels see matching head counts without copying K/V g times.
         """
         s = self.spec
-        groups = s.num_heads // s.num_kv_heads
-        m = q.shape[1]
-        if layout == "causal":
+        g, m = s.num_heads // s.num_kv_heads, q.shape[1]
+        if p.layout == "causal":
             o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True,
-                                               scale=self.scale, enable_gqa=groups > 1)
-        elif layout == "tail" and (m == 1 or causal_lower_right is not None):
-            mask = None if m == 1 else causal_lower_right(m, n_keys)
-            o = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask,
-                                               scale=self.scale, enable_gqa=groups > 1)
+                                               scale=self.scale, enable_gqa=g > 1)[0]
         else:
-            key_pos = torch.arange(n_keys, device=q.device)
-            mask = key_pos[None, :] <= positions[:, None]
-            if groups > 1:  # masked kernels want matching head counts
-                k = k.repeat_interleave(groups, dim=0)
-                v = v.repeat_interleave(groups, dim=0)
-            o = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask[None, None],
-                                               scale=self.scale)
-        return o[0].transpose(0, 1).reshape(m, s.num_heads * s.head_dim)
+            qf = q.reshape(s.num_kv_heads, g * m, s.head_dim)
+            o = F.scaled_dot_product_attention(qf[None], k[None], v[None], attn_mask=p.mask,
+                                               scale=self.scale)[0]
+            o = o.view(s.num_heads, m, s.head_dim)
+        return o.transpose(0, 1).reshape(m, s.num_heads * s.head_dim)
 
     def attention_received(self, q: torch.Tensor, k: torch.Tensor, q_positions: torch.Tensor,
                            n_keys: int, chunk: int = 256) -> torch.Tensor:
         """Attention each key 0..n_keys-1 receives from the queries q [H, m, d], summed over
         queries and heads (causal by position). Used to score reused tokens (DHD)."""
         s = self.spec
-        groups = s.num_heads // s.num_kv_heads
-        kk = k.repeat_interleave(groups, dim=0).float() if groups > 1 else k.float()
+        g = s.num_heads // s.num_kv_heads
+        kk = k.transpose(1, 2)
         key_pos = torch.arange(n_keys, device=q.device)
         total = torch.zeros(n_keys, dtype=torch.float32, device=q.device)
         for i in range(0, q.shape[1], chunk):
-            qs = q[:, i:i + chunk].float()
-            scores = torch.matmul(qs, kk.transpose(1, 2)) * self.scale
-            allowed = key_pos[None, :] <= q_positions[i:i + chunk, None]
+            qs = q[:, i:i + chunk]
+            mc = qs.shape[1]
+            scores = torch.matmul(qs.reshape(s.num_kv_heads, g * mc, s.head_dim), kk).float() * self.scale
+            allowed = (key_pos[None, :] <= q_positions[i:i + chunk, None]).repeat(g, 1)
             probs = torch.softmax(scores.masked_fill(~allowed[None], float("-inf")), dim=-1)
             total += probs.sum(dim=(0, 1))
         return total
@@ -168,19 +165,19 @@ class LlamaRunner:
         return F.linear(F.silu(gate) * up, lw.w_down)
 
     # ---- one layer over a subset of tokens ------------------------------------------------
-    def layer(self, layer: int, h: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-              layout: str, k_pre_out: torch.Tensor | None = None, want_q: bool = False):
-        """Run ``layer`` for tokens at ``positions`` (sorted, cache slot = position). Writes their
-        K/V into the cache (before attention, so the subset sees its own fresh KV) and returns
-        the new hidden states (and the rotated queries when ``want_q``)."""
-        q, k, v = self.qkv(layer, h, positions)
+    def layer(self, layer: int, h: torch.Tensor, p: "Positions | torch.Tensor", cache: KVCache,
+              layout: str | None = None, k_pre_out: torch.Tensor | None = None, want_q: bool = False):
+        """Run ``layer`` for tokens at positions ``p`` (sorted, cache slot = position). Writes their
+        K/V into the cache before attention, so the subset sees its own fresh KV, and returns the
+        new hidden states (and the rotated queries when ``want_q``)."""
+        if not isinstance(p, Positions):
+            p = self.positions(p, layout or "mask", cache.length)
+        q, k, v = self.qkv(layer, h, p, k_pre_out)
         slot = self.kv_slot[layer]
         if k is not None:
-            if k_pre_out is not None:
-                k_pre_out[slot][:, positions] = k
-            cache.write(slot, positions, self.rotate(k, positions), v, layout)
+            cache.write(slot, p.pos, k, v, p.layout)
         n = cache.length
-        attn = self.attend(q, cache.k[slot, :, :n], cache.v[slot, :, :n], positions, n, layout)
+        attn = self.attend(q, cache.k[slot, :, :n], cache.v[slot, :, :n], p)
         h = h + F.linear(attn, self.layers[layer].w_o)
         h = h + self.mlp(layer, h)
         return (h, q) if want_q else h
@@ -190,8 +187,9 @@ class LlamaRunner:
                 layout: str = "mask") -> torch.Tensor:
         """All layers for tokens at positions; returns hidden states after the last layer."""
         h = self.embed(token_ids)
+        p = self.positions(positions, layout, cache.length)
         for l in range(self.spec.num_layers):
-            h = self.layer(l, h, positions, cache, layout)
+            h = self.layer(l, h, p, cache)
         return h
 
     @torch.inference_mode()
@@ -202,3 +200,29 @@ class LlamaRunner:
         cache.length = n
         h = self.forward(token_ids, torch.arange(n, device=self.device), cache, "causal")
         return self.logits(h)
+
+
+@dataclass
+class Positions:
+    """Where a pass's tokens sit, with what every layer of the pass shares: RoPE cos/sin and the
+    attention mask (built once per pass, not once per layer)."""
+
+    pos: torch.Tensor
+    layout: str  # "causal" | "tail" | "mask"
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None  # [1, 1, g*m, n] bool, in the folded-GQA query order
+
+    @classmethod
+    def build(cls, runner: "LlamaRunner", pos: torch.Tensor, layout: str, n_keys: int | None) -> "Positions":
+        if layout not in ("causal", "tail", "mask"):
+            raise ValueError(f"unknown layout {layout!r}")
+        cos, sin = runner.rope.cos_sin(pos, runner.dtype)
+        mask = None
+        m = pos.shape[0]
+        n = int(n_keys) if n_keys is not None else int(pos[-1]) + 1
+        if layout != "causal" and not (m == 1 and layout == "tail"):
+            g = runner.spec.num_heads // runner.spec.num_kv_heads
+            allowed = torch.arange(n, device=pos.device)[None, :] <= pos[:, None]
+            mask = allowed.repeat(g, 1)[None, None]
+        return cls(pos, layout, cos, sin, mask)

@@ -1,0 +1,165 @@
+"""TTFT of prefill with reuse vs full prefill on one GPU, Llama-3-8B shape, random bf16 weights.
+
+    python benchmarks/reuse_gpu_bench.py --out benchmarks/results/reuse_gpu.json
+
+Per prompt length: full prefill (and its MFU against a bf16 matmul peak measured in the same
+run), an exact-prefix hit with the KV already on the GPU, and dhd (r = 0.15, 0.05) and cacheblend
+with 90% and 98% of the prompt's tokens reused. Each reuse mode's FLOP limit is the speedup if
+only its linear-layer FLOPs counted: layers 0..c for every token plus layers c+1..L-1 for the
+recomputed tokens, over full prefill. Needs only torch, numpy, xxhash (no Ray/Redis/Qdrant).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from index_service.plan import ReusePlan, ReuseSpan  # noqa: E402
+from workers.engine import ReuseEngine, ReuseSettings  # noqa: E402
+from workers.model_loader import LLAMA3_8B, random_runner  # noqa: E402
+from workers.model_spec import ModelSpec  # noqa: E402
+from workers.segments import InMemorySegmentStore  # noqa: E402
+
+
+def matmul_peak(dtype=torch.bfloat16, n: int = 8192, reps: int = 10) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def prefill_flops(spec: ModelSpec, n: int) -> float:
+    s = spec
+    per_layer = s.hidden_size * (s.q_size + 2 * s.kv_size) + s.q_size * s.hidden_size + 3 * s.hidden_size * s.intermediate_size
+    linear = 2 * per_layer * s.num_layers * n + 2 * s.hidden_size * s.vocab_size  # logits: last token
+    attention = 2 * s.num_heads * s.head_dim * n * n * s.num_layers  # causal QK^T and PV
+    return linear + attention
+
+
+def changed_plan(n: int, reuse: float, donor: str, chunks: int = 8, seed: int = 0) -> tuple[ReusePlan, np.ndarray]:
+    """A prompt equal to the donor except ``chunks`` changed runs (1 - reuse of the tokens) and the
+    last token; returns the plan and the mask of changed positions."""
+    rng = np.random.default_rng(seed)
+    n_new = max(1, int(round((1 - reuse) * n)))
+    changed = np.zeros(n, dtype=bool)
+    per = max(1, n_new // chunks)
+    starts = np.sort(rng.choice(np.arange(1, n - per - 1), size=chunks, replace=False))
+    for s in starts:
+        changed[s:s + per] = True
+    changed[-1] = True
+    spans, i = [], 0
+    while i < n:
+        if changed[i]:
+            i += 1
+            continue
+        j = i
+        while j < n and not changed[j]:
+            j += 1
+        spans.append(ReuseSpan(i, donor, i, j - i))
+        i = j
+    return ReusePlan(n, spans, prefix_len=spans[0].length if spans and spans[0].new_start == 0 else 0), changed
+
+
+def timed(fn, reps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", default="1024,4096,8192,16384")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--layers", type=int, default=None, help="override layer count (smoke runs)")
+    ap.add_argument("--out", default="benchmarks/results/reuse_gpu.json")
+    args = ap.parse_args()
+    cfg = dict(LLAMA3_8B)
+    if args.layers:
+        cfg["num_layers"] = args.layers
+    spec = ModelSpec(**cfg)
+    peak = matmul_peak()
+    runner = random_runner(spec, "cuda", torch.bfloat16)
+    store = InMemorySegmentStore(max_bytes=64 << 30)
+    engine = ReuseEngine(runner, store)
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for n in [int(x) for x in args.lengths.split(",")]:
+        ids = torch.randint(0, spec.vocab_size, (n,), generator=gen).tolist()
+        full = ReuseSettings(mode="full")
+        seq, _ = engine.prefill(ids, None, full, keep_segment=True)
+        store.put(engine.segment_of(seq, f"donor{n}"))
+        del seq
+        t_full = timed(lambda: engine.prefill(ids, None, full, keep_segment=False), args.reps)
+        mfu = prefill_flops(spec, n) / t_full / peak
+        row = {"tokens": n, "full_ms": t_full * 1e3, "full_mfu": mfu, "modes": []}
+        prefix_plan = ReusePlan(n, [ReuseSpan(0, f"donor{n}", 0, n)], prefix_len=n)
+        cases = [("prefix_hit", 1.0, ReuseSettings(mode="prefix"), prefix_plan)]
+        for reuse in (0.90, 0.98):
+            plan, changed = changed_plan(n, reuse, f"donor{n}")
+            new_ids = list(ids)
+            for p in np.nonzero(changed)[0]:
+                new_ids[p] = (ids[p] + 1) % spec.vocab_size
+            for name, st in (("dhd_r0.15", ReuseSettings(mode="dhd", recompute_ratio=0.15, decode_recompute=0)),
+                             ("dhd_r0.05", ReuseSettings(mode="dhd", recompute_ratio=0.05, decode_recompute=0)),
+                             ("cacheblend", ReuseSettings(mode="cacheblend", recompute_ratio=0.15, decode_recompute=0))):
+                cases.append((f"{name}@{int(reuse * 100)}%", reuse, st, (plan, new_ids)))
+        for name, reuse, st, plan in cases:
+            plan_, ids_ = (plan, ids) if isinstance(plan, ReusePlan) else plan
+            holder = {}
+
+            def run():
+                holder["seq"] = engine.prefill(ids_, plan_, st, keep_segment=False)[0]
+            t = timed(run, args.reps)
+            stats = holder["seq"].stats
+            limit = 1.0 / stats.flops_fraction
+            speedup = t_full / t
+            row["modes"].append({"mode": name, "ms": t * 1e3, "speedup": speedup, "flop_limit": limit,
+                                 "of_limit": speedup / limit, "reused": stats.reused_tokens,
+                                 "recomputed": stats.recomputed_tokens, "computed": stats.computed_tokens})
+            del holder
+        rows.append(row)
+        store.evict(f"donor{n}")
+        torch.cuda.empty_cache()
+    result = {
+        "benchmark": "reuse_gpu", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "device": torch.cuda.get_device_name(), "host": platform.node(), "torch": torch.__version__,
+        "model": {**cfg, "dtype": "bfloat16", "weights": "random"}, "bf16_matmul_peak_tflops": peak / 1e12,
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"\n{result['device']}  bf16 peak {peak / 1e12:.0f} TFLOP/s (measured)")
+    print(f"{'tokens':>6} {'mode':<18} {'ms':>8} {'speedup':>8} {'limit':>7} {'of_lim':>7}")
+    for row in rows:
+        print(f"{row['tokens']:>6} {'full (MFU %.2f)' % row['full_mfu']:<18} {row['full_ms']:>8.1f}")
+        for m in row["modes"]:
+            print(f"{row['tokens']:>6} {m['mode']:<18} {m['ms']:>8.1f} {m['speedup']:>8.2f} "
+                  f"{m['flop_limit']:>7.2f} {m['of_limit']:>7.2f}")
+
+
+if __name__ == "__main__":
+    main()
