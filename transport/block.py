@@ -173,8 +173,12 @@ def _parse_header(raw: memoryview) -> dict:
 
 def decode_block(buf, expected_fingerprint: str | None = None,
                  max_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
-                 expected_token_hash: int | None = None) -> KVBlock:
-    """Verify and decode one block; tensors are views of ``buf``. Raises a ``BlockError`` subclass."""
+                 expected_token_hash: int | None = None, verify_payload: bool = True) -> KVBlock:
+    """Verify and decode one block; tensors are views of ``buf``. Raises a ``BlockError`` subclass.
+
+    ``verify_payload=False`` checks everything but the payload's xxh64: only for a caller that
+    verifies the payload another way (the host tier checks it on the GPU after the copy).
+    """
     try:
         mv = memoryview(buf).cast("B")
     except TypeError as e:
@@ -208,7 +212,7 @@ def decode_block(buf, expected_fingerprint: str | None = None,
     if expected_token_hash is not None and h["th"] != expected_token_hash:
         raise FingerprintMismatch("block was computed for other tokens")
     payload = mv[start:]
-    if xxhash.xxh64_intdigest(payload) != h["ck"]:
+    if verify_payload and xxhash.xxh64_intdigest(payload) != h["ck"]:
         raise ChecksumError("payload checksum mismatch")
     k = np.frombuffer(payload, dtype=npdtype, count=half // npdtype.itemsize)
     v = np.frombuffer(payload, dtype=npdtype, count=half // npdtype.itemsize, offset=half)

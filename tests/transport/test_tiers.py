@@ -155,3 +155,20 @@ def test_evict_removes_from_all_tiers(redis_tier):
     assert store.evict("a")
     assert not store.contains("a") and store.get_many(["a"]) == [None]
     store.close()
+
+
+def test_host_tier_device_verify_path():
+    """The host -> GPU read path verifies on the device; exercised here with device='cpu'."""
+    tier = HostTier(1 << 20, device_verify=True)
+    blocks = [(f"k{i}", make_block(dt, seed=i)) for i, dt in enumerate(DTYPES)]
+    tier.put_many(blocks)
+    got = tier.get_many([k for k, _ in blocks], device="cpu")
+    assert all(same_block(g, b) for g, (_, b) in zip(got, blocks))
+    buf = tier._lru.get("k1")[0]
+    buf[-7] ^= 0x02  # payload corruption after the block was stored
+    assert tier.get_many(["k0", "k1"], device="cpu")[1] is None
+    assert tier.stats.corrupt == 1 and not tier.contains("k1")
+    bad = encode_block_bytes(make_block())
+    bad[-1] ^= 1
+    tier.put_encoded_many([("bad", bad)])  # refused at put: checksums are taken from good data only
+    assert not tier.contains("bad") and tier.stats.corrupt == 2

@@ -52,7 +52,8 @@ class TieredStore:
         if self.gpu is not None:
             todo = self._fill(out, todo, self.gpu.get_many(keys), keys)
         if todo and self.host is not None:
-            got = self.host.get_many([keys[i] for i in todo])
+            dev = self.gpu.device if self.gpu is not None and self.gpu.device.type == "cuda" else None
+            got = self.host.get_many([keys[i] for i in todo], device=dev)
             todo = self._fill(out, todo, got, keys, to_gpu=True)
         for source in (self._peer_get, self._redis_get):
             if todo and source is not None:
