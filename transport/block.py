@@ -142,9 +142,10 @@ def join_parts(parts: Sequence[memoryview], out: memoryview | None = None) -> by
     return dst
 
 
-def encode_block_bytes(block: KVBlock) -> bytearray:
-    """The block as one contiguous buffer (one copy of the KV)."""
-    return join_parts(encode_block(block))
+def encode_block_bytes(block: KVBlock) -> bytes:
+    """The block as one immutable buffer (one copy of the KV). ``bytes``, not bytearray: redis-py
+    (with hiredis) and the host tier take bytes as they are and would copy anything else."""
+    return b"".join(encode_block(block))
 
 
 def _parse_header(raw: memoryview) -> dict:

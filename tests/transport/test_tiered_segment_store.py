@@ -45,8 +45,10 @@ def test_missing_or_corrupt_block_gives_none():
     segs = TieredSegmentStore(store, "fp")
     segs.put(_segment(150))
     store.flush(10)
-    buf = store.host._lru.get(block_key("fp", "s1", 1))[0]
-    buf[-5] ^= 1  # corrupt one stored block in place
+    key = block_key("fp", "s1", 1)
+    bad = bytearray(store.host._lru.get(key)[0])
+    bad[-5] ^= 1  # corrupt one stored block
+    store.host._lru.put(key, (bytes(bad), None), len(bad))
     assert segs.get("s1") is None and store.host.stats.corrupt == 1
     segs.put(_segment(150))
     store.flush(10)

@@ -61,7 +61,7 @@ def test_gpu_tier_copies_and_detects_corruption():
 
 def test_host_tier_detects_corruption():
     tier = HostTier(1 << 20)
-    buf = encode_block_bytes(make_block())
+    buf = bytearray(encode_block_bytes(make_block()))
     buf[-3] ^= 0x40
     tier.put_encoded_many([("a", buf)])
     assert tier.get_many(["a"]) == [None]
@@ -69,7 +69,7 @@ def test_host_tier_detects_corruption():
 
 
 def test_redis_tier_detects_corruption_and_evicts(redis_tier):
-    buf = encode_block_bytes(make_block())
+    buf = bytearray(encode_block_bytes(make_block()))
     buf[100] ^= 1
     redis_tier.put_encoded_many([("bad", buf)])
     assert redis_tier.contains("bad")
@@ -118,7 +118,7 @@ def test_tiered_store_read_order_and_promotion(redis_tier):
 
 def test_tiered_store_corrupt_peer_block_is_a_miss():
     good = make_block()
-    bad = encode_block_bytes(good)
+    bad = bytearray(encode_block_bytes(good))
     bad[-1] ^= 0x80
     store = TieredStore(GPUTier(1 << 20), HostTier(1 << 20), peer=lambda ks: [bad for _ in ks])
     assert store.get_many(["x"]) == [None]
@@ -164,11 +164,13 @@ def test_host_tier_device_verify_path():
     tier.put_many(blocks)
     got = tier.get_many([k for k, _ in blocks], device="cpu")
     assert all(same_block(g, b) for g, (_, b) in zip(got, blocks))
-    buf = tier._lru.get("k1")[0]
-    buf[-7] ^= 0x02  # payload corruption after the block was stored
+    buf, dsum = tier._lru.get("k1")
+    bad = bytearray(buf)
+    bad[-7] ^= 0x02  # payload corruption after the block was stored
+    tier._lru.put("k1", (bytes(bad), dsum), len(bad))
     assert tier.get_many(["k0", "k1"], device="cpu")[1] is None
     assert tier.stats.corrupt == 1 and not tier.contains("k1")
-    bad = encode_block_bytes(make_block())
+    bad = bytearray(encode_block_bytes(make_block()))
     bad[-1] ^= 1
     tier.put_encoded_many([("bad", bad)])  # refused at put: checksums are taken from good data only
     assert not tier.contains("bad") and tier.stats.corrupt == 2

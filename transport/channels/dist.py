@@ -61,7 +61,7 @@ class TorchDistChannel:
             metas.append({"key": key, "fp": b.fingerprint, "layers": list(b.layers),
                           "th": b.token_hash, "dt": _NAME_OF[b.keys.dtype],
                           "shape": list(b.keys.shape), "off": off, "kb": kb,
-                          "ck": [sums[2 * i], sums[2 * i + 1]]})
+                          "ck": sums[2 * i] + sums[2 * i + 1]})
             for t in (b.keys, b.values):
                 pieces.append(_flat_bytes(t.to(self.device)))
                 pad = _aligned(kb) - kb
@@ -119,7 +119,7 @@ class TorchDistChannel:
         ok = [True] * len(blocks)
         if self.verify and blocks:
             sums = device_checksums([t for b in blocks for t in (b.keys, b.values)])
-            ok = [[sums[2 * i], sums[2 * i + 1]] == m["ck"] for i, m in enumerate(metas)]
+            ok = [sums[2 * i] + sums[2 * i + 1] == m["ck"] for i, m in enumerate(metas)]
         self.corrupt += ok.count(False)
         return [(m["key"], b if good else None) for m, b, good in zip(metas, blocks, ok)]
 

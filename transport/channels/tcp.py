@@ -17,6 +17,8 @@ import socket
 import threading
 from typing import Callable, Sequence
 
+import numpy as np
+
 from transport.errors import ChannelClosed, ChannelError, ChannelTimeout, ProtocolError
 from transport.message import (DEFAULT_MAX_BODY_BYTES, PREFIX, pack_message, parse_header,
                                parse_prefix, split_body)
@@ -59,7 +61,7 @@ async def arecv_message(loop, sock, max_body_bytes: int, first_byte_timeout: flo
         raw = bytearray(hlen)
         await _arecv_into(loop, sock, memoryview(raw))
         header = parse_header(raw, hhash, body_len)
-        body = bytearray(body_len)
+        body = np.empty(body_len, dtype=np.uint8)  # not bytearray: that zero-fills first
         await _arecv_into(loop, sock, memoryview(body))
         return header, split_body(header, body)
 
@@ -279,7 +281,7 @@ class TCPClient:
         raw = bytearray(hlen)
         _recv_into(sock, memoryview(raw))
         header = parse_header(raw, hhash, body_len)
-        body = bytearray(body_len)
+        body = np.empty(body_len, dtype=np.uint8)  # not bytearray: that zero-fills first
         _recv_into(sock, memoryview(body))
         return header, split_body(header, body)
 

@@ -28,7 +28,7 @@ class GPUTier:
         self.device = torch.device(device) if device is not None else default_device()
         self.verify = verify
         self.stats = TierStats()
-        self._lru: LRUBytes[tuple[KVBlock, int]] = LRUBytes(budget_bytes)
+        self._lru: LRUBytes[tuple[KVBlock, tuple]] = LRUBytes(budget_bytes)
 
     @property
     def used_bytes(self) -> int:
@@ -47,7 +47,7 @@ class GPUTier:
         self.stats.dropped_writes += len(items) - len(fits)
         copies = [KVBlock(b.fingerprint, b.layers, b.token_hash,
                           self._own_copy(b.keys), self._own_copy(b.values)) for _, b in fits]
-        sums = self._checksums(copies) if self.verify else [0] * len(copies)
+        sums = self._checksums(copies) if self.verify else [()] * len(copies)
         stored = {}
         for (key, _), blk, ck in zip(fits, copies, sums):
             evicted = self._lru.put(key, (blk, ck), blk.nbytes)
@@ -57,9 +57,9 @@ class GPUTier:
         return [stored.get(k) for k, _ in items]
 
     @staticmethod
-    def _checksums(blocks: Sequence[KVBlock]) -> list[int]:
+    def _checksums(blocks: Sequence[KVBlock]) -> list[tuple[int, ...]]:
         flat = device_checksums([t for b in blocks for t in (b.keys, b.values)])
-        return [(flat[2 * i] * 31 + flat[2 * i + 1]) & ((1 << 64) - 1) for i in range(len(blocks))]
+        return [tuple(flat[2 * i] + flat[2 * i + 1]) for i in range(len(blocks))]
 
     def get_many(self, keys: Sequence[str]) -> list[KVBlock | None]:
         entries = [self._lru.get(k) for k in keys]

@@ -47,7 +47,7 @@ class HostTier:
             return t
         if len(parts) == 1 and isinstance(parts[0].obj, bytes) and parts[0].nbytes == len(parts[0].obj):
             return parts[0].obj  # immutable and exactly this block (e.g. from Redis): keep, no copy
-        return join_parts(parts)
+        return b"".join(parts)
 
     def _put(self, key: str, parts: Sequence[memoryview]) -> None:
         n = sum(p.nbytes for p in parts)

@@ -102,8 +102,9 @@ class RedisTier:
         return out
 
     def put_encoded_many(self, items: Sequence[tuple[str, object]]) -> None:
-        ok = [(k, memoryview(b).cast("B")) for k, b in items]
-        ok = [(k, b) for k, b in ok if b.nbytes <= self.max_block_bytes]
+        # the hiredis command packer copies anything that is not bytes into bytes first
+        ok = [(k, b if isinstance(b, bytes) else bytes(memoryview(b).cast("B"))) for k, b in items]
+        ok = [(k, b) for k, b in ok if len(b) <= self.max_block_bytes]
         self.stats.dropped_writes += len(items) - len(ok)
         if not ok:
             return
@@ -111,7 +112,7 @@ class RedisTier:
         if res is None:
             self.stats.dropped_writes += len(ok)
         else:
-            self.stats.bytes_in += sum(b.nbytes for _, b in ok)
+            self.stats.bytes_in += sum(len(b) for _, b in ok)
 
     # -- the tier interface ----------------------------------------------------------------------
     def get_many(self, keys: Sequence[str]) -> list[KVBlock | None]:

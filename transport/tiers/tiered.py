@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Callable, Sequence
 
-from transport.block import DEFAULT_MAX_BLOCK_BYTES, KVBlock, decode_block, encode_block, join_parts
+from transport.block import DEFAULT_MAX_BLOCK_BYTES, KVBlock, decode_block, encode_block_bytes
 from transport.errors import BlockError, ChannelError
 from transport.tiers.base import TierStats
 from transport.tiers.gpu import GPUTier
@@ -118,7 +118,7 @@ class TieredStore:
             miss = [i for i, b in enumerate(out) if b is None]
             for i, blk in zip(miss, self.gpu.get_many([keys[i] for i in miss])):
                 if blk is not None:
-                    out[i] = join_parts(encode_block(blk))
+                    out[i] = encode_block_bytes(blk)
         return out
 
     def contains(self, key: str) -> bool:
@@ -195,7 +195,7 @@ class TieredStore:
         encoded = []
         for key, item in batch:
             if isinstance(item, KVBlock):
-                buf = join_parts(encode_block(item))
+                buf = encode_block_bytes(item)
                 if self.host is not None:
                     self.host.put_encoded_many([(key, buf)])
             else:
