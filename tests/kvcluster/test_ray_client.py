@@ -44,3 +44,24 @@ def test_retry_after_is_the_queue_drain_time():
     assert retry_after_s(0, 2, 5.0) == 1
     assert retry_after_s(10, 2, 3.0) == 15
     assert retry_after_s(4, 0, 0.0) == 1
+
+
+def test_example_serve_config_is_valid_and_builds():
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from kvcluster.config import ConfigError
+    from kvcluster.serve_app import app_builder
+
+    root = Path(__file__).resolve().parents[2]
+    schema = ServeDeploySchema(**yaml.safe_load((root / "examples" / "serve_config.yaml").read_text()))
+    app_cfg = schema.applications[0]
+    assert app_cfg.import_path == "kvcluster.serve_app:app_builder"
+    args = dict(app_cfg.args)
+    args["config"] = str(root / args["config"])
+    app = app_builder(args)  # binds the deployment; nothing starts until serve.run
+    assert type(app).__name__ == "Application"
+    with pytest.raises(ConfigError):
+        app_builder({"nonsense": "1"})

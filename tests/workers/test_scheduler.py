@@ -448,3 +448,31 @@ def test_worker_falls_back_to_recompute_on_a_corrupt_peer_block(smollm2):
     finally:
         a.shutdown()
         b.shutdown()
+
+
+@pytest.mark.slow
+def test_donor_blocks_cross_the_tcp_channel(smollm2):
+    from workers.scheduler import plan_to_wire
+    from workers.worker_actor import Worker
+
+    runner, tok = smollm2
+    a = Worker("a", {"host_bytes": 64 << 20, "channel": "tcp"}, runner=runner)
+    b = Worker("b", {"host_bytes": 64 << 20, "channel": "tcp"}, runner=runner)
+    try:
+        peers = {"a": tuple(a.info()["tcp"]), "b": tuple(b.info()["tcp"])}
+        a.set_peers(peers)
+        b.set_peers(peers)
+        ids = tok("Rivers carry water from mountains to the sea, shaping valleys on the way. " * 2)["input_ids"]
+        a.generate({"token_ids": ids, "max_tokens": 1, "segment_id": "segtcp"})
+        plan = ReusePlan(len(ids), [ReuseSpan(0, "segtcp", 0, len(ids) - 1)], prefix_len=len(ids) - 1,
+                         source="prefix")
+        out = b.generate({"token_ids": ids, "max_tokens": 1, "plan": plan_to_wire(plan),
+                          "donor_locations": {"segtcp": "a"}})
+        f = out["prefill"]["fetch"]
+        assert f["fetched"] == ["segtcp"] and f["channel"] == "tcp" and f["peer_blocks"] >= 1
+        assert out["prefill"]["reused_tokens"] == len(ids) - 1
+        assert b.stats()["transfer"]["tcp"]["bytes"] == f["peer_bytes"] > 0
+        assert b.has_segment("segtcp")  # kept locally after the fetch
+    finally:
+        a.shutdown()
+        b.shutdown()
