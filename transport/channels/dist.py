@@ -29,10 +29,6 @@ def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(-1).view(torch.uint8)
-
-
 class TorchDistChannel:
     """``send(items, dst)`` / ``recv(src) -> [(key, KVBlock | None)]`` between ranks of a group.
 
@@ -53,23 +49,23 @@ class TorchDistChannel:
         self.corrupt = 0
 
     def _pack(self, items: Sequence[tuple[str, KVBlock]]) -> tuple[bytes, torch.Tensor]:
-        metas, pieces, off = [], [], 0
+        """Header + one payload buffer; each tensor is copied once, straight into its slice."""
         sums = device_checksums([t for _, b in items for t in (b.keys, b.values)]) \
-            if self.verify else [0] * (2 * len(items))
+            if self.verify else [[0, 0]] * (2 * len(items))
+        metas, off = [], 0
         for i, (key, b) in enumerate(items):
             kb = b.keys.numel() * b.keys.element_size()
             metas.append({"key": key, "fp": b.fingerprint, "layers": list(b.layers),
                           "th": b.token_hash, "dt": _NAME_OF[b.keys.dtype],
                           "shape": list(b.keys.shape), "off": off, "kb": kb,
                           "ck": sums[2 * i] + sums[2 * i + 1]})
-            for t in (b.keys, b.values):
-                pieces.append(_flat_bytes(t.to(self.device)))
-                pad = _aligned(kb) - kb
-                if pad:
-                    pieces.append(torch.zeros(pad, dtype=torch.uint8, device=self.device))
             off += 2 * _aligned(kb)
-        payload = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.uint8,
-                                                               device=self.device)
+        payload = torch.empty(off, dtype=torch.uint8, device=self.device)
+        for m, (_, b) in zip(metas, items):
+            o, kb = m["off"], m["kb"]
+            payload[o:o + kb].view(b.keys.dtype).view(b.keys.shape).copy_(b.keys)
+            o += _aligned(kb)
+            payload[o:o + kb].view(b.values.dtype).view(b.values.shape).copy_(b.values)
         return msgpack.packb({"blocks": metas}), payload
 
     def send(self, items: Sequence[tuple[str, KVBlock]], dst: int) -> None:
