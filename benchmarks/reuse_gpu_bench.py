@@ -88,6 +88,20 @@ def timed(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def decode_ms(engine: ReuseEngine, ids: list[int], plan: ReusePlan, steps: int = 16) -> float:
+    """Time per output token after a prefix hit (plain decode, no DHD recomputation)."""
+    st = ReuseSettings(mode="prefix", decode_recompute=0)
+    seq, logits = engine.prefill(ids, plan, st, max_tokens=steps + 4, keep_segment=False)
+    tok = int(logits.argmax())
+    engine.decode_step(seq, tok)  # warm-up
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        tok = int(engine.decode_step(seq, tok).argmax())
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / steps * 1e3
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", default="1024,4096,8192,16384")
@@ -102,10 +116,13 @@ def main() -> None:
     peak = matmul_peak()
     runner = random_runner(spec, "cuda", torch.bfloat16)
     store = InMemorySegmentStore(max_bytes=64 << 30)
-    engine = ReuseEngine(runner, store)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    # one static KV pool + a CUDA graph for one-token passes; the eager engine is the comparison
+    engine = ReuseEngine(runner, store, static_tokens=max(lengths) + 64)
+    eager = ReuseEngine(runner, store)
     rows = []
     gen = torch.Generator().manual_seed(0)
-    for n in [int(x) for x in args.lengths.split(",")]:
+    for n in lengths:
         ids = torch.randint(0, spec.vocab_size, (n,), generator=gen).tolist()
         full = ReuseSettings(mode="full")
         seq, _ = engine.prefill(ids, None, full, keep_segment=True)
@@ -116,6 +133,9 @@ def main() -> None:
         row = {"tokens": n, "full_ms": t_full * 1e3, "full_mfu": mfu, "modes": []}
         prefix_plan = ReusePlan(n, [ReuseSpan(0, f"donor{n}", 0, n)], prefix_len=n)
         cases = [("prefix_hit", 1.0, ReuseSettings(mode="prefix"), prefix_plan)]
+        t_eager = timed(lambda: eager.prefill(ids, prefix_plan, ReuseSettings(mode="prefix"), keep_segment=False), args.reps)
+        row["prefix_hit_eager_ms"] = t_eager * 1e3
+        row["tpot_graph_ms"], row["tpot_eager_ms"] = (decode_ms(e, ids, prefix_plan) for e in (engine, eager))
         for reuse in (0.90, 0.98):
             plan, changed = changed_plan(n, reuse, f"donor{n}")
             new_ids = list(ids)
@@ -156,6 +176,9 @@ def main() -> None:
     print(f"{'tokens':>6} {'mode':<18} {'ms':>8} {'speedup':>8} {'limit':>7} {'of_lim':>7}")
     for row in rows:
         print(f"{row['tokens']:>6} {'full (MFU %.2f)' % row['full_mfu']:<18} {row['full_ms']:>8.1f}")
+        print(f"{row['tokens']:>6} {'prefix_hit eager':<18} {row['prefix_hit_eager_ms']:>8.1f} "
+              f"{row['full_ms'] / row['prefix_hit_eager_ms']:>8.2f}   TPOT graph {row['tpot_graph_ms']:.2f} ms, "
+              f"eager {row['tpot_eager_ms']:.2f} ms")
         for m in row["modes"]:
             print(f"{row['tokens']:>6} {m['mode']:<18} {m['ms']:>8.1f} {m['speedup']:>8.2f} "
                   f"{m['flop_limit']:>7.2f} {m['of_limit']:>7.2f}")

@@ -96,12 +96,22 @@ class GenerationResult:
 
 class ReuseEngine:
     def __init__(self, runner: LlamaRunner, store: SegmentStore | None = None,
-                 settings: ReuseSettings = ReuseSettings(), max_context: int | None = None) -> None:
+                 settings: ReuseSettings = ReuseSettings(), max_context: int | None = None,
+                 static_tokens: int | None = None) -> None:
+        """``static_tokens``: on CUDA, keep one KV pool of that many tokens and run one-token
+        passes (prefix-hit suffixes, decode steps) as a replayed CUDA graph over it."""
         settings.validate(runner.spec.num_layers)
         self.runner = runner
         self.store = store
         self.settings = settings
         self.max_context = min(max_context or runner.spec.max_position, runner.spec.max_position)
+        self._pool: KVCache | None = None
+        self._pool_owner: Sequence | None = None
+        self._graph = None
+        if static_tokens and runner.device.type == "cuda":
+            from workers.cuda_graph import GraphedStep
+            self._pool = runner.new_cache(static_tokens + 1)  # + the graph's reserved slot
+            self._graph = GraphedStep(runner, self._pool)
 
     # ---- validation -------------------------------------------------------------------------
     def check_prompt(self, token_ids, max_tokens: int = 0) -> list[int]:
@@ -172,9 +182,14 @@ class ReuseEngine:
         ids = self.check_prompt(token_ids, max_tokens)
         t0 = time.perf_counter()
         r, n = self.runner, len(ids)
-        cache = r.new_cache(n + max_tokens)
+        if self._pool is not None and n + max_tokens < self._pool.capacity:
+            cache = self._pool  # the previous pooled sequence is finished by now
+        else:
+            cache = r.new_cache(n + max_tokens)
         cache.length = n
         seq = Sequence(ids, n, cache, st, PrefillStats(prompt_tokens=n))
+        if cache is self._pool:
+            self._pool_owner = seq
         if keep_segment:
             seq.k_pre = torch.zeros_like(cache.k[:, :, :n])
         plan = self._effective_plan(plan, st, n)
@@ -224,15 +239,17 @@ class ReuseEngine:
         if extra:
             compute[torch.as_tensor(extra, device=r.device)] = True
         pos = compute.nonzero().squeeze(1)
+        s = seq.stats
+        s.reused_tokens, s.computed_tokens = len(reused), n_new
+        s.recomputed_tokens = len(pos) - n_new
+        s.flops_fraction = len(pos) / n
+        if len(pos) == 1 and self._graphable(seq):
+            return self._graph_token(seq, tok[n - 1], n - 1)
         layout = "tail" if int(pos[0]) == n - len(pos) else "mask"
         h = r.embed(tok[pos])
         p = r.positions(pos, layout, n)
         for l in range(r.spec.num_layers):
             h = r.layer(l, h, p, seq.cache, k_pre_out=seq.k_pre)
-        s = seq.stats
-        s.reused_tokens, s.computed_tokens = len(reused), n_new
-        s.recomputed_tokens = len(pos) - n_new
-        s.flops_fraction = len(pos) / n
         return r.logits(h[-1:])[0]
 
     def _checked(self, seq: Sequence, tok: torch.Tensor, reused: torch.Tensor, st: ReuseSettings,
@@ -292,6 +309,8 @@ class ReuseEngine:
         """Append ``token`` at the next position; returns the logits for the one after it."""
         r = self.runner
         t = seq.cache.length
+        if seq.cache is self._pool and t + 1 >= self._pool.capacity:
+            raise InvalidParameterError(f"sequence reached the KV pool's {self._pool.capacity - 1} tokens")
         if t >= seq.cache.capacity:
             seq.cache.grow(t + 64)
         seq.cache.length = t + 1
@@ -301,10 +320,27 @@ class ReuseEngine:
         k = seq.settings.decode_recompute
         if k > 0 and seq.stale is not None and bool(seq.stale.any()):
             return self._decode_with_recompute(seq, h, pos, k)
+        if self._graphable(seq):
+            return self._graph_token(seq, token, t)
         p = r.positions(pos, "tail", t + 1)
         for l in range(r.spec.num_layers):
             h = r.layer(l, h, p, seq.cache)
         return r.logits(h)[0]
+
+    def _graphable(self, seq: Sequence) -> bool:
+        if self._graph is None or seq.cache is not self._pool:
+            return False
+        if self._pool_owner is not seq:
+            raise InvalidParameterError("this sequence's KV pool was taken by a newer request")
+        return seq.cache.length < self._pool.capacity
+
+    def _graph_token(self, seq: Sequence, token, position: int) -> torch.Tensor:
+        logits = self._graph(token, position)
+        if seq.k_pre is not None and position < seq.prompt_len:  # the stored segment wants pre-RoPE keys
+            pos = torch.tensor([position], device=self.runner.device)
+            k = seq.cache.k[:, :, position:position + 1]
+            seq.k_pre[:, :, position:position + 1] = self.runner.rotate(k, -pos)
+        return logits
 
     def _decode_with_recompute(self, seq: Sequence, h: torch.Tensor, pos: torch.Tensor, k: int) -> torch.Tensor:
         r, st = self.runner, seq.settings

@@ -15,7 +15,21 @@ import xxhash
 
 from workers.kv_cache import KVCache
 from workers.model_spec import ModelSpec
-from workers.rope import Rope, apply_rope
+from workers.rope import Rope, apply_rope, apply_rope_fused
+
+try:  # block-sparse attention with a causal mask by position, compiled once (CUDA only)
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - old torch
+    flex_attention = create_block_mask = None
+
+_FLEX = None
+
+
+def _flex():
+    global _FLEX
+    if _FLEX is None:
+        _FLEX = torch.compile(flex_attention, dynamic=True)
+    return _FLEX
 
 
 
@@ -45,6 +59,8 @@ class LlamaRunner:
         self.rope = Rope(spec, self.device)
         self.scale = spec.head_dim ** -0.5
         self.kv_source = list(kv_source) if kv_source else list(range(spec.num_layers))
+        # masked passes on CUDA use FlexAttention (skips fully masked blocks, native GQA)
+        self.use_flex = self.device.type == "cuda" and flex_attention is not None
         self._set_slots()
         self.fingerprint = self._fingerprint()
 
@@ -120,6 +136,8 @@ class LlamaRunner:
 
     def rotate(self, k_pre: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         cos, sin = self.rope.cos_sin(positions, k_pre.dtype)
+        if k_pre.is_cuda and k_pre.numel() > (1 << 20):  # bulk donor placement: one fused kernel
+            return apply_rope_fused(k_pre, cos, sin)
         return apply_rope(k_pre, cos, sin)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: "Positions") -> torch.Tensor:
@@ -134,6 +152,9 @@ class LlamaRunner:
         if p.layout == "causal":
             o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True,
                                                scale=self.scale, enable_gqa=g > 1)[0]
+        elif p.block_mask is not None:
+            o = _flex()(q[None], k[None], v[None], block_mask=p.block_mask, scale=self.scale,
+                        enable_gqa=g > 1)[0]
         else:
             qf = q.reshape(s.num_kv_heads, g * m, s.head_dim)
             o = F.scaled_dot_product_attention(qf[None], k[None], v[None], attn_mask=p.mask,
@@ -212,6 +233,7 @@ class Positions:
     cos: torch.Tensor
     sin: torch.Tensor
     mask: torch.Tensor | None  # [1, 1, g*m, n] bool, in the folded-GQA query order
+    block_mask: object | None = None  # FlexAttention's BlockMask (CUDA), instead of ``mask``
 
     @classmethod
     def build(cls, runner: "LlamaRunner", pos: torch.Tensor, layout: str, n_keys: int | None) -> "Positions":
@@ -221,8 +243,15 @@ class Positions:
         mask = None
         m = pos.shape[0]
         n = int(n_keys) if n_keys is not None else int(pos[-1]) + 1
-        if layout != "causal" and not (m == 1 and layout == "tail"):
-            g = runner.spec.num_heads // runner.spec.num_kv_heads
-            allowed = torch.arange(n, device=pos.device)[None, :] <= pos[:, None]
-            mask = allowed.repeat(g, 1)[None, None]
-        return cls(pos, layout, cos, sin, mask)
+        if layout == "causal" or (m == 1 and layout == "tail"):
+            return cls(pos, layout, cos, sin, None)
+        if runner.use_flex and m > 1:
+            q_pos = pos
+
+            def by_position(b, h, q_idx, kv_idx):
+                return kv_idx <= q_pos[q_idx]
+            block = create_block_mask(by_position, None, None, m, n, device=pos.device)
+            return cls(pos, layout, cos, sin, None, block)
+        g = runner.spec.num_heads // runner.spec.num_kv_heads
+        allowed = torch.arange(n, device=pos.device)[None, :] <= pos[:, None]
+        return cls(pos, layout, cos, sin, allowed.repeat(g, 1)[None, None])
