@@ -7,6 +7,8 @@ over another layer's KV (KVSharer) without computing its own K/V.
 """
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -23,12 +25,14 @@ except ImportError:  # pragma: no cover - old torch
     flex_attention = create_block_mask = None
 
 _FLEX = None
+FLEX_DYNAMIC = os.environ.get("KVCLUSTER_FLEX_DYNAMIC", "1") == "1"
+log = logging.getLogger(__name__)
 
 
 def _flex():
     global _FLEX
     if _FLEX is None:
-        _FLEX = torch.compile(flex_attention, dynamic=True)
+        _FLEX = torch.compile(flex_attention, dynamic=FLEX_DYNAMIC)
     return _FLEX
 
 
@@ -152,14 +156,19 @@ class LlamaRunner:
         if p.layout == "causal":
             o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True,
                                                scale=self.scale, enable_gqa=g > 1)[0]
-        elif p.block_mask is not None:
-            o = _flex()(q[None], k[None], v[None], block_mask=p.block_mask, scale=self.scale,
-                        enable_gqa=g > 1)[0]
+        elif p.block_mask is not None and self.use_flex:
+            try:
+                o = _flex()(q.contiguous()[None], k.contiguous()[None], v.contiguous()[None], block_mask=p.block_mask,
+                            scale=self.scale, enable_gqa=g > 1)[0]
+            except Exception as e:  # a kernel that will not compile here: dense masks from now on
+                log.warning("FlexAttention unavailable (%s); using dense masks", str(e).splitlines()[0][:200])
+                self.use_flex = False
+                return self.attend(q, k, v, p)
         else:
             qf = q.reshape(s.num_kv_heads, g * m, s.head_dim)
-            o = F.scaled_dot_product_attention(qf[None], k[None], v[None], attn_mask=p.mask,
+            o = F.scaled_dot_product_attention(qf[None], k[None], v[None], attn_mask=p.dense_mask(self),
                                                scale=self.scale)[0]
-            o = o.view(s.num_heads, m, s.head_dim)
+            o = o.reshape(s.num_heads, m, s.head_dim)
         return o.transpose(0, 1).reshape(m, s.num_heads * s.head_dim)
 
     def attention_received(self, q: torch.Tensor, k: torch.Tensor, q_positions: torch.Tensor,
@@ -234,6 +243,7 @@ class Positions:
     sin: torch.Tensor
     mask: torch.Tensor | None  # [1, 1, g*m, n] bool, in the folded-GQA query order
     block_mask: object | None = None  # FlexAttention's BlockMask (CUDA), instead of ``mask``
+    n_keys: int | None = None
 
     @classmethod
     def build(cls, runner: "LlamaRunner", pos: torch.Tensor, layout: str, n_keys: int | None) -> "Positions":
@@ -251,7 +261,12 @@ class Positions:
             def by_position(b, h, q_idx, kv_idx):
                 return kv_idx <= q_pos[q_idx]
             block = create_block_mask(by_position, None, None, m, n, device=pos.device)
-            return cls(pos, layout, cos, sin, None, block)
-        g = runner.spec.num_heads // runner.spec.num_kv_heads
-        allowed = torch.arange(n, device=pos.device)[None, :] <= pos[:, None]
-        return cls(pos, layout, cos, sin, allowed.repeat(g, 1)[None, None])
+            return cls(pos, layout, cos, sin, None, block, n_keys=n)
+        return cls(pos, layout, cos, sin, None, n_keys=n)
+
+    def dense_mask(self, runner: "LlamaRunner") -> torch.Tensor | None:
+        if self.mask is None and self.n_keys is not None:
+            g = runner.spec.num_heads // runner.spec.num_kv_heads
+            allowed = torch.arange(self.n_keys, device=self.pos.device)[None, :] <= self.pos[:, None]
+            self.mask = allowed.repeat(g, 1)[None, None]
+        return self.mask

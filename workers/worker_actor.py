@@ -513,6 +513,27 @@ class Worker:
         return out
 
     # ---- stats and lifecycle ------------------------------------------------------------------
+    _RESETTABLE = {"reuse", "redis_url", "redis_prefix", "redis_ttl_s", "host_bytes", "gpu_bytes"}
+
+    def reset(self, overrides: dict | None = None) -> None:
+        """Drop every cached segment (new, empty tiers) and zero the counters, optionally with new
+        tier settings or reuse settings (benchmarks compare configurations on the same workers)."""
+        overrides = dict(overrides or {})
+        bad = set(overrides) - self._RESETTABLE
+        if bad:
+            raise InvalidParameterError(f"reset cannot change {sorted(bad)}")
+        with self._lock:
+            opts = replace(self.options, **overrides)
+            settings = ReuseSettings(**opts.reuse) if opts.reuse else ReuseSettings()
+            settings.validate(self.runner.spec.num_layers)
+            self.tiers.close()
+            self.options = opts
+            self.tiers = self._make_tiers(opts)
+            self.segments = TieredSegmentStore(self.tiers, self.fingerprint, opts.block_tokens)
+            self.engine.settings = settings
+            self.transfer = {}
+            self.counters = {k: 0 for k in self.counters}
+
     def stats(self) -> dict:
         t = self.tiers
         used = {}

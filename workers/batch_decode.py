@@ -1,0 +1,216 @@
+"""Static-batch prefill and greedy decode of B equal-length sequences on a LlamaRunner.
+
+One KV cache [slots, B, Hkv, capacity, d] for the whole batch, one token per sequence per step,
+attention through SDPA over the batch. It honors the runner's KVSharer map: a shared layer
+computes only its Q, reads its source layer's slot (``runner.kv_slot``) and stores nothing, so the
+cache holds ``len(runner.kv_layers)`` slots. ``kv_source=`` runs an UNSHARED runner as if a map
+were applied (the KVSharer search tries many maps on one set of weights): the cache then has one
+slot per layer and a shared layer uses the first q rows of its fused QKV weight, the same matmul
+``runner.share_kv`` leaves it with.
+
+Used for decode tokens/s at a batch size (benchmarks) and for batched calibration / perplexity.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from workers.model_runner import LlamaRunner
+from workers.rope import apply_rope
+
+try:
+    from torch.nn.attention.bias import causal_lower_right
+except ImportError:  # pragma: no cover - old torch
+    causal_lower_right = None
+
+
+@dataclass
+class BatchKV:
+    k: torch.Tensor  # [slots, B, Hkv, capacity, d], keys after RoPE, slot = position
+    v: torch.Tensor
+    length: int = 0  # positions 0..length-1 hold valid KV (same for every sequence)
+
+    @classmethod
+    def empty(cls, runner: LlamaRunner, batch: int, capacity: int, slots: int | None = None,
+              zero: bool = True) -> "BatchKV":
+        s = runner.spec
+        shape = (len(runner.kv_layers) if slots is None else slots, batch, s.num_kv_heads, capacity,
+                 s.head_dim)
+        make = torch.zeros if zero else torch.empty
+        return cls(make(shape, dtype=runner.dtype, device=runner.device),
+                   make(shape, dtype=runner.dtype, device=runner.device))
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def clone(self) -> "BatchKV":
+        return BatchKV(self.k.clone(), self.v.clone(), self.length)
+
+
+def kv_bytes_per_token(runner: LlamaRunner) -> int:
+    """Bytes of K and V one token occupies across the stored (owner) layers."""
+    s = runner.spec
+    return len(runner.kv_layers) * 2 * s.num_kv_heads * s.head_dim * runner.embed_w.element_size()
+
+
+def _routing(runner: LlamaRunner, kv_source: Sequence[int] | None) -> tuple[list[int], list[bool]]:
+    """Per layer: cache slot it reads, and whether it computes and writes its own K/V."""
+    L = runner.spec.num_layers
+    if kv_source is None:
+        return list(runner.kv_slot), [runner.kv_source[l] == l for l in range(L)]
+    if any(runner.kv_source[l] != l for l in range(L)):
+        raise ValueError("kv_source= needs an unshared runner (this one already shares KV)")
+    if len(kv_source) != L:
+        raise ValueError(f"kv_source has {len(kv_source)} entries, model has {L} layers")
+    for l, src in enumerate(kv_source):
+        if not 0 <= src <= l or kv_source[src] != src:
+            raise ValueError(f"layer {l} cannot share layer {src}'s KV (source must be an earlier owner)")
+    return list(kv_source), [kv_source[l] == l for l in range(L)]
+
+
+def _attend(runner: LlamaRunner, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            start: int) -> torch.Tensor:
+    """q [B, H, m, d] at positions start..start+m-1 over keys 0..start+m-1 [B, Hkv, n, d]."""
+    s = runner.spec
+    B, H, m, d = q.shape
+    groups = H // s.num_kv_heads
+    if m == 1:
+        # decode: every key is visible, so fold the query heads of a KV group into the query
+        # axis: plain multi-head attention over Hkv heads, any kernel, no K/V expansion.
+        o = F.scaled_dot_product_attention(q.reshape(B, s.num_kv_heads, groups, d), k, v,
+                                           scale=runner.scale)
+        return o.reshape(B, 1, H * d)
+    if start == 0:
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=runner.scale,
+                                           enable_gqa=groups > 1)
+    elif causal_lower_right is not None:
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(m, k.shape[2]),
+                                           scale=runner.scale, enable_gqa=groups > 1)
+    else:  # pragma: no cover - old torch
+        key_pos = torch.arange(k.shape[2], device=q.device)
+        mask = key_pos[None, :] <= torch.arange(start, start + m, device=q.device)[:, None]
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=runner.scale)
+    return o.transpose(1, 2).reshape(B, m, H * d)
+
+
+def batch_layer(runner: LlamaRunner, layer: int, h: torch.Tensor, start: int, cache: BatchKV,
+                slot: int, own: bool) -> torch.Tensor:
+    """One layer for h [B, m, hidden] at positions start..start+m-1; writes K/V when ``own``."""
+    s, lw = runner.spec, runner.layers[layer]
+    if own and lw.w_qkv.shape[0] == s.q_size:
+        raise ValueError(f"layer {layer} has no K/V projection (the runner shares its KV)")
+    w, b = (lw.w_qkv, lw.b_qkv) if own else (lw.w_qkv[:s.q_size],
+                                              None if lw.b_qkv is None else lw.b_qkv[:s.q_size])
+    x = F.linear(runner._norm(h, lw.attn_norm), w, b)
+    B, m, _ = x.shape
+    end = start + m
+    cos, sin = runner.rope.cos_sin(torch.arange(start, end, device=h.device), h.dtype)
+    q = apply_rope(x[..., :s.q_size].view(B, m, s.num_heads, s.head_dim).transpose(1, 2), cos, sin)
+    if own:
+        kv = s.kv_size
+        k = x[..., s.q_size:s.q_size + kv].view(B, m, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        cache.k[slot, :, :, start:end] = apply_rope(k, cos, sin)
+        cache.v[slot, :, :, start:end] = x[..., s.q_size + kv:].view(
+            B, m, s.num_kv_heads, s.head_dim).transpose(1, 2)
+    attn = _attend(runner, q, cache.k[slot, :, :, :end], cache.v[slot, :, :, :end], start)
+    h = h + F.linear(attn, lw.w_o)
+    return h + runner.mlp(layer, h)
+
+
+@torch.inference_mode()
+def run_layers(runner: LlamaRunner, h: torch.Tensor, start: int, cache: BatchKV,
+               layers: Sequence[int] | None = None, kv_source: Sequence[int] | None = None,
+               trace: list | None = None) -> torch.Tensor:
+    """Layers (default all, in order) over h [B, m, hidden]; ``trace`` collects each layer's
+    input hidden state (trace[l] = input of layer l) for callers that restart mid-model."""
+    slots, own = _routing(runner, kv_source)
+    for l in (range(runner.spec.num_layers) if layers is None else layers):
+        if trace is not None:
+            trace[l] = h
+        h = batch_layer(runner, l, h, start, cache, slots[l], own[l])
+    return h
+
+
+def _as_batch(runner: LlamaRunner, token_ids) -> torch.Tensor:
+    if isinstance(token_ids, torch.Tensor):
+        ids = token_ids.to(runner.device)
+    else:
+        rows = [list(map(int, r)) for r in token_ids]
+        if not rows or len({len(r) for r in rows}) != 1 or not rows[0]:
+            raise ValueError("a static batch needs >= 1 sequences of equal, non-zero length")
+        ids = torch.tensor(rows, device=runner.device)
+    if ids.dim() != 2 or ids.shape[1] == 0:
+        raise ValueError(f"token ids must be [batch, length], got {tuple(ids.shape)}")
+    if int(ids.min()) < 0 or int(ids.max()) >= runner.spec.vocab_size:
+        raise ValueError(f"token ids outside the vocabulary [0, {runner.spec.vocab_size})")
+    return ids
+
+
+@torch.inference_mode()
+def batch_prefill(runner: LlamaRunner, token_ids, max_new_tokens: int = 0,
+                  kv_source: Sequence[int] | None = None) -> tuple[BatchKV, torch.Tensor]:
+    """Prefill [B, T] prompts; returns the cache (capacity T + max_new_tokens) and the last
+    position's logits [B, vocab]."""
+    ids = _as_batch(runner, token_ids)
+    B, T = ids.shape
+    slots = runner.spec.num_layers if kv_source is not None else None
+    cache = BatchKV.empty(runner, B, T + max_new_tokens, slots)
+    h = run_layers(runner, runner.embed(ids), 0, cache, kv_source=kv_source)
+    cache.length = T
+    return cache, runner.logits(h[:, -1])
+
+
+@torch.inference_mode()
+def batch_decode_step(runner: LlamaRunner, cache: BatchKV, tokens: torch.Tensor,
+                      kv_source: Sequence[int] | None = None) -> torch.Tensor:
+    """Append one token per sequence (tokens [B]); returns next-token logits [B, vocab]."""
+    t = cache.length
+    if t >= cache.capacity:
+        raise ValueError(f"batch KV cache is full ({cache.capacity} positions)")
+    h = runner.embed(tokens.view(-1, 1).to(runner.device))
+    h = run_layers(runner, h, t, cache, kv_source=kv_source)
+    cache.length = t + 1
+    return runner.logits(h[:, -1])
+
+
+@torch.inference_mode()
+def batch_generate(runner: LlamaRunner, token_ids, max_tokens: int = 32,
+                   stop_ids: Sequence[int] | None = None) -> list[list[int]]:
+    """Greedy generation for B equal-length prompts. Every sequence runs ``max_tokens`` steps
+    (static batch; it stops early only when all have stopped); each output is cut after its
+    first stop token, as ReuseEngine.generate does."""
+    if max_tokens < 0:
+        raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+    cache, logits = batch_prefill(runner, token_ids, max_tokens)
+    stop = set(runner.spec.eos_token_ids if stop_ids is None else stop_ids)
+    out = []
+    done = torch.zeros(cache.batch, dtype=torch.bool, device=runner.device)
+    for i in range(max_tokens):
+        nxt = torch.argmax(logits, dim=-1)
+        out.append(nxt)
+        for sid in stop:
+            done |= nxt == sid
+        if i + 1 < max_tokens and not bool(done.all()):
+            logits = batch_decode_step(runner, cache, nxt)
+        elif i + 1 < max_tokens:
+            break
+    rows = torch.stack(out, dim=1).tolist() if out else [[] for _ in range(cache.batch)]
+    result = []
+    for r in rows:
+        cut = next((j + 1 for j, t in enumerate(r) if t in stop), len(r))
+        result.append(r[:cut])
+    return result
