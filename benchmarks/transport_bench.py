@@ -115,14 +115,20 @@ def bench_redis(sizes, total, url) -> list[dict]:
             def tier_get():
                 assert all(b is not None for b in tier.get_many(keys))
 
+            pre = list(zip(keys, enc))
             t = paired({"put": lambda: tier.put_many(blocks), "rawput": raw_set,
+                        "putenc": lambda: tier.put_encoded_many(pre),
                         "get": tier_get, "rawget": raw_get})
             t_put, t_rawput, t_get, t_rawget = t["put"], t["rawput"], t["get"], t["rawget"]
             rows.append(row("redis_get", size, n, t_get, t_rawget,
                             "RedisTier.get_many (pipelined GET + verify + decode)",
                             "redis-py pipelined GET of the same bytes"))
             rows.append(row("redis_put", size, n, t_put, t_rawput,
-                            "RedisTier.put_many (encode + pipelined SET EX)",
+                            "RedisTier.put_many (encode: xxh64 + one copy, then pipelined SET EX)",
+                            "redis-py pipelined SET EX of pre-encoded bytes"))
+            rows.append(row("redis_put_encoded", size, n, t["putenc"], t_rawput,
+                            "RedisTier.put_encoded_many (the write-back path: the host tier "
+                            "already holds the encoded block)",
                             "redis-py pipelined SET EX of pre-encoded bytes"))
             raw.delete(*rkeys)
             tier.clear()
@@ -506,8 +512,10 @@ def main() -> None:
             rows += bench_ucx(sizes, total)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = Path(args.out) if args.out else RESULTS / f"transport_{mode}.json"
+    info = machine()
+    info["loadavg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     doc = {"date": started, "command": " ".join([Path(sys.executable).name] + sys.argv),
-           "mode": mode, "bytes_per_iter": total, "machine": machine(),
+           "mode": mode, "bytes_per_iter": total, "machine": info,
            "summary": summary(rows), "results": rows}
     out.write_text(json.dumps(doc, indent=2))
     if mode == "cpu" and rows:
