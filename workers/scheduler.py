@@ -433,8 +433,13 @@ class Router:
     def __init__(self, scheduler: Scheduler, workers: dict[str, WorkerBackend], index: IndexBackend | None,
                  fingerprint: str, is_worker_lost: Callable[[BaseException], bool] = lambda e: False,
                  max_attempts: int = 3,
-                 on_worker_lost: Callable[[str, BaseException], None] | None = None) -> None:
+                 on_worker_lost: Callable[[str, BaseException], None] | None = None,
+                 relookup_after_s: float | None = 0.25) -> None:
         self.scheduler = scheduler
+        # A job that waited in a queue this long looks its donors up again when it starts: under
+        # load a follow-up often arrives while its donor is still queued or running, and finds it
+        # in the index only later. None turns this off.
+        self.relookup_after_s = relookup_after_s
         self.workers = workers
         self.index = index
         self.fingerprint = fingerprint
@@ -510,6 +515,10 @@ class Router:
         emitted: list[int] = state["emitted"]
         plan: ReusePlan | None = state["plan"]
         resume = bool(emitted) or state["prefill"] is not None
+        if (not resume and self.relookup_after_s is not None and job.attempts == 1
+                and job.started_at - job.created_at >= self.relookup_after_s
+                and (plan is None or plan.reused_tokens < len(req.token_ids) - 1)):
+            plan = await self._relookup(req, state, plan)
         ids = list(req.token_ids) + list(emitted)
         if resume:
             self.counters["resumed"] += 1
@@ -549,6 +558,18 @@ class Router:
             raise
         finally:
             self._live.pop(req.request_id, None)
+
+    async def _relookup(self, req: RouterRequest, state: dict, plan: ReusePlan | None) -> ReusePlan | None:
+        new, dt = await self.lookup(req)
+        state["lookup_s"] += dt
+        self.counters["relookups"] += 1
+        if new is not None and new.reused_tokens > (plan.reused_tokens if plan is not None else 0):
+            self.counters["relookup_gains"] += 1
+            state["plan"] = new
+            if new.prefix_len >= len(req.token_ids):
+                state["segment_id"] = None  # all of it is stored already
+            return new
+        return plan
 
     async def _after(self, req: RouterRequest, job: Job, state: dict, done: dict) -> None:
         worker = done["worker"]

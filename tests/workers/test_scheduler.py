@@ -348,6 +348,32 @@ def test_router_skips_write_back_of_a_full_prefix_hit_and_forgets_missing_donors
     asyncio.run(main())
 
 
+def test_router_looks_donors_up_again_when_a_job_waited():
+    """A follow-up that arrived before its donor was indexed finds it when it finally starts."""
+    async def main():
+        s = Scheduler(["a"])
+        plan = ReusePlan(10, [ReuseSpan(0, "donor", 0, 8)], source="semantic")
+
+        class Late(FakeIndex):
+            calls = 0
+
+            async def lookup(self, *a):
+                Late.calls += 1
+                return None if Late.calls == 1 else plan
+
+        w = FakeWorker("a")
+        r = Router(s, {"a": w}, Late(), "fp", relookup_after_s=0.0)
+        await r.generate(RouterRequest(token_ids=list(range(10)), max_tokens=1))
+        assert w.requests[0]["plan"]["spans"] == [[0, "donor", 0, 8]]
+        assert r.counters["relookups"] == 1 and r.counters["relookup_gains"] == 1
+        r2 = Router(s, {"a": w}, Late(), "fp", relookup_after_s=None)
+        Late.calls = 0
+        await r2.generate(RouterRequest(token_ids=list(range(10)), max_tokens=1))
+        assert w.requests[1]["plan"] is None and r2.counters["relookups"] == 0
+
+    asyncio.run(main())
+
+
 # ---- integration: real workers, real index ----------------------------------------------------------
 
 @pytest.fixture(scope="module")
