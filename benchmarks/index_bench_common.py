@@ -55,4 +55,5 @@ def machine() -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name] + sys.argv),
         "commit": commit,
+        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],  # shared 2-core box: others' jobs skew timings
     }
