@@ -224,9 +224,16 @@ class QdrantStore:
         with self._lock:
             touched, self._touched = self._touched, {}
             self._touch_flushed = time.monotonic()
+            if not touched:
+                return
+            from qdrant_client import models
+
             for s, t in touched.items():
+                # a filter, not a list of ids: a segment with no point (Qdrant refused it while it was
+                # down; it serves exact prefixes only) must not fail the call and take the store down
+                sel = models.Filter(must=[models.HasIdCondition(has_id=[point_id(s)])])
                 self._call("set_payload", lambda c: c.set_payload(self.collection, {"last_used": t},
-                                                                  points=[point_id(s)]), None)
+                                                                  points=sel), None)
 
 
 def visibility_filter(fingerprint: str, tenant: str, salt: str = ""):
