@@ -86,11 +86,6 @@ class RayCluster:
             opts.num_threads = max(1, int(worker_num_cpus))
         t0 = time.perf_counter()
         self.index_actor = None
-        if self.reuse:
-            ix = cfg.index
-            self.index_actor = IndexActor.options(num_cpus=0, max_concurrency=4).remote(
-                qdrant_url=ix.qdrant_url, qdrant_path=ix.qdrant_path, collection=ix.collection, top_k=ix.top_k,
-                min_score=ix.min_score, block_tokens=ix.block_tokens, min_run=cfg.reuse.min_run)
         self.handles = {}
         for i in range(cfg.cluster.num_workers):
             wid = f"w{i}"
@@ -98,13 +93,6 @@ class RayCluster:
                 wid, opts)
         try:
             infos = ray.get([h.info.remote() for h in self.handles.values()])
-            if self.index_actor is not None:
-                if cfg.index.qdrant_url is None and cfg.tiers.redis_url is None:
-                    # embedded index, no shared tier: the KV of every segment it knows died with
-                    # an earlier process
-                    ray.get(self.index_actor.reconcile.remote([]))
-                # loads the embedder now rather than on the first request
-                ray.get(self.index_actor.lookup.remote([1, 2, 3], "warm up", "-", infos[0]["fingerprint"], None))
         except Exception:
             self.shutdown()
             raise
@@ -118,17 +106,64 @@ class RayCluster:
         self.eos_token_ids = infos[0]["eos_token_ids"]
         self._peers = self._peer_map()
         ray.get([h.set_peers.remote(self._peers) for h in self.handles.values()])
-        cl = cfg.cluster
-        self.scheduler = Scheduler(list(self.handles), policy=cl.scheduler, load_bound=cl.load_bound,
+        self.probe_s = probe_s
+        self._probes: dict[str, asyncio.Task] = {}
+        try:
+            self._start_index()
+        except Exception:
+            self.shutdown()
+            raise
+        self._make_router(cfg.cluster.scheduler)
+        log.info("kvcluster on Ray: %d workers (%s) ready in %.1f s, scheduler %s", len(self.handles),
+                 self.fingerprint, time.perf_counter() - t0, cfg.cluster.scheduler)
+
+    def _start_index(self) -> None:
+        cfg = self.config
+        if not self.reuse:
+            return
+        ix = cfg.index
+        self.index_actor = IndexActor.options(num_cpus=0, max_concurrency=4).remote(
+            qdrant_url=ix.qdrant_url, qdrant_path=ix.qdrant_path, collection=ix.collection, top_k=ix.top_k,
+            min_score=ix.min_score, block_tokens=ix.block_tokens, min_run=cfg.reuse.min_run)
+        if ix.qdrant_url is None and cfg.tiers.redis_url is None:
+            # embedded index, no shared tier: the KV of every segment it knows died with an earlier process
+            ray.get(self.index_actor.reconcile.remote([]))
+        # loads the embedder now rather than on the first request
+        ray.get(self.index_actor.lookup.remote([1, 2, 3], "warm up", "-", self.fingerprint, None))
+
+    def _make_router(self, policy: str) -> None:
+        cl = self.config.cluster
+        self.scheduler = Scheduler(list(self.handles), policy=policy, load_bound=cl.load_bound,
                                    max_wait_s=cl.max_wait_s)
         self.router = Router(self.scheduler, {w: RayWorkerBackend(h) for w, h in self.handles.items()},
                              RayIndexBackend(self.index_actor) if self.index_actor is not None else None,
                              self.fingerprint, is_worker_lost=is_worker_lost, max_attempts=cl.num_workers + 1,
                              on_worker_lost=self._on_worker_lost)
-        self.probe_s = probe_s
-        self._probes: dict[str, asyncio.Task] = {}
-        log.info("kvcluster on Ray: %d workers (%s) ready in %.1f s, scheduler %s", len(self.handles),
-                 self.fingerprint, time.perf_counter() - t0, cl.scheduler)
+
+    def reconfigure(self, policy: str | None = None, mode: str | None = None, redis_prefix: str | None = None) -> None:
+        """Start over on the same workers (models stay loaded): empty tiers, a fresh index, a new
+        scheduler; optionally another scheduler policy, reuse mode or Redis key prefix. For
+        benchmarks that compare configurations; not for a cluster that is serving."""
+        cfg = self.config
+        if mode is not None:
+            cfg = cfg.model_copy(update={"reuse": cfg.reuse.model_copy(update={"mode": mode})})
+        if redis_prefix is not None:
+            cfg = cfg.model_copy(update={"tiers": cfg.tiers.model_copy(update={"redis_prefix": redis_prefix})})
+        self.config = cfg
+        reuse = {k: getattr(cfg.reuse, k) for k in ("mode", "recompute_ratio", "check_layer", "decode_recompute",
+                                                    "epic_tokens", "suffix_tokens")}
+        ray.get([h.reset.remote({"reuse": reuse, "redis_prefix": cfg.tiers.redis_prefix})
+                 for h in self.handles.values()])
+        if self.index_actor is not None:
+            try:
+                ray.get(self.index_actor.close.remote(), timeout=10)
+            except Exception:  # noqa: BLE001
+                pass
+            ray.kill(self.index_actor, no_restart=True)
+            self.index_actor = None
+        self.reuse = cfg.reuse.mode != "full"
+        self._start_index()
+        self._make_router(policy or cfg.cluster.scheduler)
 
     def _peer_map(self) -> dict[str, Any]:
         out = {}
