@@ -110,7 +110,8 @@ class ReuseEngine:
         self._graph = None
         if static_tokens and runner.device.type == "cuda":
             from workers.cuda_graph import GraphedStep
-            self._pool = runner.new_cache(static_tokens + 1)  # + the graph's reserved slot
+            # + the graph's reserved slot, rounded so attention rows stay aligned
+            self._pool = runner.new_cache(-(-(static_tokens + 1) // 128) * 128)
             self._graph = GraphedStep(runner, self._pool)
 
     # ---- validation -------------------------------------------------------------------------

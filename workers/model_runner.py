@@ -31,6 +31,7 @@ try:  # cuDNN's SDPA spends ~1.3 ms of CPU per call building its graph (measured
 except ImportError:  # pragma: no cover - old torch
     sdpa_kernel = None
 
+SMALL_QUERY = 256  # folded query rows below which kernel launch cost outweighs cuDNN's speed
 _FLEX = None
 FLEX_DYNAMIC = os.environ.get("KVCLUSTER_FLEX_DYNAMIC", "1") == "1"
 log = logging.getLogger(__name__)
@@ -173,12 +174,13 @@ class LlamaRunner:
                 return self.attend(q, k, v, p)
         else:
             qf = q.reshape(s.num_kv_heads, g * m, s.head_dim)
-            if q.is_cuda and sdpa_kernel is not None:
+            mask = p.dense_mask(self)
+            if q.is_cuda and sdpa_kernel is not None and g * m <= SMALL_QUERY:
                 with sdpa_kernel(_NO_CUDNN):
-                    o = F.scaled_dot_product_attention(qf[None], k[None], v[None],
-                                                       attn_mask=p.dense_mask(self), scale=self.scale)[0]
+                    o = F.scaled_dot_product_attention(qf[None], k[None], v[None], attn_mask=mask,
+                                                       scale=self.scale)[0]
             else:
-                o = F.scaled_dot_product_attention(qf[None], k[None], v[None], attn_mask=p.dense_mask(self),
+                o = F.scaled_dot_product_attention(qf[None], k[None], v[None], attn_mask=mask,
                                                    scale=self.scale)[0]
             o = o.reshape(s.num_heads, m, s.head_dim)
         return o.transpose(0, 1).reshape(m, s.num_heads * s.head_dim)
@@ -279,6 +281,9 @@ class Positions:
     def dense_mask(self, runner: "LlamaRunner") -> torch.Tensor | None:
         if self.mask is None and self.n_keys is not None:
             g = runner.spec.num_heads // runner.spec.num_kv_heads
-            allowed = torch.arange(self.n_keys, device=self.pos.device)[None, :] <= self.pos[:, None]
-            self.mask = allowed.repeat(g, 1)[None, None]
+            # width padded to 16 and sliced back: the memory-efficient kernel needs an aligned
+            # row stride, and without it SDPA falls back to the slow math path
+            width = -(-self.n_keys // 16) * 16
+            allowed = torch.arange(width, device=self.pos.device)[None, :] <= self.pos[:, None]
+            self.mask = allowed.repeat(g, 1)[None, None, :, :self.n_keys]
         return self.mask
