@@ -31,6 +31,7 @@ try:  # cuDNN's SDPA spends ~1.3 ms of CPU per call building its graph (measured
 except ImportError:  # pragma: no cover - old torch
     sdpa_kernel = None
 
+FLEX_MIN_QUERIES, FLEX_MIN_KEYS = 128, 2048  # where it was measured to beat dense masks
 SMALL_QUERY = 256  # folded query rows below which kernel launch cost outweighs cuDNN's speed
 _FLEX = None
 FLEX_DYNAMIC = os.environ.get("KVCLUSTER_FLEX_DYNAMIC", "1") == "1"
@@ -73,6 +74,7 @@ class LlamaRunner:
         self.kv_source = list(kv_source) if kv_source else list(range(spec.num_layers))
         # masked passes on CUDA use FlexAttention (skips fully masked blocks, native GQA)
         self.use_flex = self.device.type == "cuda" and flex_attention is not None
+        self.flex_failures = 0
         self._set_slots()
         self.fingerprint = self._fingerprint()
 
@@ -168,13 +170,20 @@ class LlamaRunner:
             try:
                 o = _flex()(q.contiguous()[None], k.contiguous()[None], v.contiguous()[None], block_mask=p.block_mask,
                             scale=self.scale, enable_gqa=g > 1)[0]
-            except Exception as e:  # a kernel that will not compile here: dense masks from now on
-                log.warning("FlexAttention unavailable (%s); using dense masks", str(e).splitlines()[0][:200])
-                self.use_flex = False
+            except Exception as e:  # a shape the kernel will not compile for: dense mask this pass
+                self.flex_failures += 1
+                log.warning("FlexAttention failed (%s); dense mask for this pass", str(e).splitlines()[0][:160])
+                self.use_flex = self.flex_failures < 3
+                p.block_mask = None
                 return self.attend(q, k, v, p)
         else:
             qf = q.reshape(s.num_kv_heads, g * m, s.head_dim)
             mask = p.dense_mask(self)
+            if q.is_cuda and m == 1 and p.layout == "mask":
+                # the CUDA-graph step: SDPA kernels parallelize over query blocks, which a single
+                # token does not have (8 CTAs on 132 SMs); batched matmuls spread over the keys
+                o = self._attend_one(qf, k, v, mask)
+                return o.reshape(s.num_heads, 1, s.head_dim).transpose(0, 1).reshape(1, -1)
             if q.is_cuda and sdpa_kernel is not None and g * m <= SMALL_QUERY:
                 with sdpa_kernel(_NO_CUDNN):
                     o = F.scaled_dot_product_attention(qf[None], k[None], v[None], attn_mask=mask,
@@ -184,6 +193,12 @@ class LlamaRunner:
                                                    scale=self.scale)[0]
             o = o.reshape(s.num_heads, m, s.head_dim)
         return o.transpose(0, 1).reshape(m, s.num_heads * s.head_dim)
+
+    def _attend_one(self, qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    mask: torch.Tensor) -> torch.Tensor:
+        scores = torch.matmul(qf * self.scale, k.transpose(1, 2)).float()
+        scores.masked_fill_(~mask[0], float("-inf"))
+        return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
 
     def attention_received(self, q: torch.Tensor, k: torch.Tensor, q_positions: torch.Tensor,
                            n_keys: int, chunk: int = 256) -> torch.Tensor:
@@ -269,7 +284,7 @@ class Positions:
         n = int(n_keys) if n_keys is not None else int(pos[-1]) + 1
         if layout == "causal" or (m == 1 and layout == "tail"):
             return cls(pos, layout, cos, sin, None)
-        if runner.use_flex and m > 1:
+        if runner.use_flex and m >= FLEX_MIN_QUERIES and n >= FLEX_MIN_KEYS:
             q_pos = pos
 
             def by_position(b, h, q_idx, kv_idx):

@@ -515,7 +515,8 @@ class Router:
         emitted: list[int] = state["emitted"]
         plan: ReusePlan | None = state["plan"]
         resume = bool(emitted) or state["prefill"] is not None
-        if (not resume and self.relookup_after_s is not None and job.attempts == 1
+        if (not resume and self.relookup_after_s is not None and job.attempts == 1 and req.reuse
+                and self.index is not None
                 and job.started_at - job.created_at >= self.relookup_after_s
                 and (plan is None or plan.reused_tokens < len(req.token_ids) - 1)):
             plan = await self._relookup(req, state, plan)
