@@ -36,9 +36,13 @@ def device_checksums(tensors: list[torch.Tensor]) -> list[list[int]]:
     """[sum, odd-word sum] per tensor, with one host sync at the end."""
     if not tensors:
         return []
-    sums = torch.stack([_sums(t).to("cpu", non_blocking=True) for t in tensors])
-    if any(t.is_cuda for t in tensors):
-        torch.cuda.synchronize()
+    parts = [_sums(t) for t in tensors]
+    # one device->host copy per device, blocking: a non_blocking copy read before the sync
+    # returned garbage sums on a GPU (every block then looked corrupt)
+    if len({p.device for p in parts}) == 1:
+        sums = torch.stack(parts).cpu()
+    else:
+        sums = torch.stack([p.cpu() for p in parts])
     return [[a & _MASK, b & _MASK] for a, b in sums.tolist()]
 
 

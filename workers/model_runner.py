@@ -31,7 +31,7 @@ try:  # cuDNN's SDPA spends ~1.3 ms of CPU per call building its graph (measured
 except ImportError:  # pragma: no cover - old torch
     sdpa_kernel = None
 
-FLEX_MIN_QUERIES, FLEX_MIN_KEYS = 128, 2048  # where it was measured to beat dense masks
+FLEX_MIN_QUERIES, FLEX_MIN_KEYS = 128, 8192  # where it was measured to beat dense masks
 SMALL_QUERY = 256  # folded query rows below which kernel launch cost outweighs cuDNN's speed
 _FLEX = None
 FLEX_DYNAMIC = os.environ.get("KVCLUSTER_FLEX_DYNAMIC", "1") == "1"
