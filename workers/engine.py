@@ -28,6 +28,7 @@ from workers.model_runner import LlamaRunner
 from workers.segments import SegmentKV, SegmentStore
 
 MODES = ("full", "prefix", "naive", "epic", "cacheblend", "dhd")
+SLICE_SPANS = 16  # up to this many runs per donor, place KV by slices rather than gather/scatter
 
 
 @dataclass(frozen=True)
@@ -163,15 +164,25 @@ class ReuseEngine:
                 raise DonorShapeError(f"plan reads position {src.max()} of donor {did!r} with {seg.n_tokens} tokens")
             if not np.array_equal(np.asarray(seg.token_ids)[src], np.asarray(ids)[new_pos]):
                 raise DonorShapeError(f"plan maps tokens of donor {did!r} onto different tokens")
-            src_t = torch.as_tensor(src, device=seg.keys.device)
-            new_t = torch.as_tensor(new_pos, device=dev)
-            k_pre = seg.keys.index_select(2, src_t).to(dev, non_blocking=True)
-            seq.cache.k[:, :, new_t] = self.runner.rotate(k_pre, new_t)
-            seq.cache.v[:, :, new_t] = seg.values.index_select(2, src_t).to(dev, non_blocking=True)
-            if seq.k_pre is not None:
-                seq.k_pre[:, :, new_t] = k_pre
-            placed.append(new_t)
+            spans = [s for s in plan.spans if s.donor_id == did]
+            if len(spans) <= SLICE_SPANS:  # few long runs: slice copies, no gather/scatter
+                for s in spans:
+                    self._copy(seq, seg, slice(s.donor_start, s.donor_start + s.length),
+                               slice(s.new_start, s.new_end), torch.arange(s.new_start, s.new_end, device=dev))
+            else:
+                new_t = torch.as_tensor(new_pos, device=dev)
+                self._copy(seq, seg, torch.as_tensor(src, device=seg.keys.device), new_t, new_t)
+            placed.append(torch.as_tensor(new_pos, device=dev))
         return torch.cat(placed).sort().values if placed else torch.empty(0, dtype=torch.long, device=dev)
+
+    def _copy(self, seq: Sequence, seg: SegmentKV, src, dst, dst_pos: torch.Tensor) -> None:
+        """Donor rows ``src`` (slice or index) into cache rows ``dst``, keys rotated to ``dst_pos``."""
+        dev = self.runner.device
+        k_pre = seg.keys[:, :, src].to(dev, non_blocking=True)
+        seq.cache.k[:, :, dst] = self.runner.rotate(k_pre, dst_pos)
+        seq.cache.v[:, :, dst] = seg.values[:, :, src].to(dev, non_blocking=True)
+        if seq.k_pre is not None:
+            seq.k_pre[:, :, dst] = k_pre
 
     # ---- prefill ----------------------------------------------------------------------------
     @torch.inference_mode()
