@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from workers.model_runner import LlamaRunner
+from workers.model_runner import _NO_CUDNN, sdpa_kernel  # noqa: E402
 from workers.rope import apply_rope
 
 try:
@@ -80,6 +81,18 @@ def _routing(runner: LlamaRunner, kv_source: Sequence[int] | None) -> tuple[list
     return list(kv_source), [kv_source[l] == l for l in range(L)]
 
 
+# SDPA kernels parallelize over (batch, head, query block): a one-token step of a small batch
+# gives them too few blocks for the GPU (8 CTAs at batch 1 on Llama-3-8B), batched matmuls
+# spread over the keys instead
+SMALL_DECODE_BATCH_HEADS = 128
+
+
+def attend_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Unmasked attention of q [B, Hkv, g, d] over k, v [B, Hkv, n, d] by two matmuls."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+
+
 def _attend(runner: LlamaRunner, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             start: int) -> torch.Tensor:
     """q [B, H, m, d] at positions start..start+m-1 over keys 0..start+m-1 [B, Hkv, n, d]."""
@@ -89,8 +102,14 @@ def _attend(runner: LlamaRunner, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if m == 1:
         # decode: every key is visible, so fold the query heads of a KV group into the query
         # axis: plain multi-head attention over Hkv heads, any kernel, no K/V expansion.
-        o = F.scaled_dot_product_attention(q.reshape(B, s.num_kv_heads, groups, d), k, v,
-                                           scale=runner.scale)
+        qf = q.reshape(B, s.num_kv_heads, groups, d)
+        if q.is_cuda and B * s.num_kv_heads < SMALL_DECODE_BATCH_HEADS:
+            o = attend_matmul(qf, k, v, runner.scale)
+        elif sdpa_kernel is not None and q.is_cuda:  # cuDNN's per-call CPU cost, see model_runner
+            with sdpa_kernel(_NO_CUDNN):
+                o = F.scaled_dot_product_attention(qf, k, v, scale=runner.scale)
+        else:
+            o = F.scaled_dot_product_attention(qf, k, v, scale=runner.scale)
         return o.reshape(B, 1, H * d)
     if start == 0:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=runner.scale,
