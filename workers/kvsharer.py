@@ -306,9 +306,12 @@ def _progress(total: int, enabled: bool):
 def search_strategy(runner: LlamaRunner, calibration: Sequence[Sequence[int]], ratio: float,
                     threshold: float, order: str = "dissimilar", seed: int = 0,
                     model_name: str | None = None, calibration_source: str = "",
-                    progress: bool = False) -> Strategy:
-    """The KVSharer greedy search on an UNSHARED runner (left unchanged)."""
+                    progress: bool = False, max_trials: int | None = None) -> Strategy:
+    """The KVSharer greedy search on an UNSHARED runner (left unchanged). ``max_trials`` bounds
+    the number of maps tried (the paper walks every pair; a high T can make that long)."""
     check_parameters(ratio, threshold, order)
+    if max_trials is not None and max_trials < 1:
+        raise SearchParameterError(f"max_trials must be >= 1, got {max_trials}")
     L = runner.spec.num_layers
     if runner.kv_source != list(range(L)):
         raise SearchParameterError("search needs an unshared runner (this one already shares KV)")
@@ -329,7 +332,7 @@ def search_strategy(runner: LlamaRunner, calibration: Sequence[Sequence[int]], r
     cur, accepted, trials, cur_cos = identity, [], [], 1.0
     bar = _progress(want, progress and want > 0)
     for i, j in pairs:
-        if len(accepted) >= want:
+        if len(accepted) >= want or (max_trials is not None and len(trials) >= max_trials):
             break
         if cur[i] != i:
             continue  # i already shares another layer's KV
@@ -405,6 +408,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--order", choices=ORDERS, default="dissimilar",
                    help="pair ranking: most dissimilar KV first (KVSharer), or the ablations")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed for --order random")
+    p.add_argument("--max-trials", type=int, default=None,
+                   help="stop after this many maps tried (default: walk every pair)")
     p.add_argument("--out", default="strategy.json", help="strategy file to write")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -447,7 +452,8 @@ def layers_search_main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
         runner = load_runner(args.model, dtype=args.dtype, device=args.device)
         s = search_strategy(runner, ids, args.ratio, args.threshold, args.order, args.seed,
-                            model_name=args.model, calibration_source=source, progress=not args.quiet)
+                            model_name=args.model, calibration_source=source, progress=not args.quiet,
+                            max_trials=args.max_trials)
         path = s.save(args.out)
     except (ValueError, FileNotFoundError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
@@ -459,8 +465,8 @@ def layers_search_main(argv: Sequence[str] | None = None) -> int:
     print("map: " + ", ".join(f"{l}->{s.kv_source[l]}" for l in s.shared_layers) if s.shared_layers
           else "map: (none)")
     if len(s.shared_layers) < want:
-        print(f"{prog}: warning: only {len(s.shared_layers)} pairs stayed above T = {args.threshold}",
-              file=sys.stderr)
+        print(f"{prog}: warning: only {len(s.shared_layers)} pairs stayed above T = {args.threshold}"
+              f" in {len(s.trials)} trials", file=sys.stderr)
     print(f"wrote {path}")
     return 0
 
