@@ -226,14 +226,14 @@ class QdrantStore:
             self._touch_flushed = time.monotonic()
             if not touched:
                 return
-            from qdrant_client import models
-
-            for s, t in touched.items():
-                # a filter, not a list of ids: a segment with no point (Qdrant refused it while it was
-                # down; it serves exact prefixes only) must not fail the call and take the store down
-                sel = models.Filter(must=[models.HasIdCondition(has_id=[point_id(s)])])
-                self._call("set_payload", lambda c: c.set_payload(self.collection, {"last_used": t},
-                                                                  points=sel), None)
+            # only points that exist: a segment with no point (Qdrant refused it while it was down; it
+            # serves exact prefixes only) would fail set_payload and take the whole store down
+            when = {point_id(s): t for s, t in touched.items()}
+            have = self._call("retrieve", lambda c: [str(p.id) for p in c.retrieve(
+                self.collection, ids=list(when), with_payload=False, with_vectors=False)], [])
+            for pid in have:
+                self._call("set_payload", lambda c: c.set_payload(self.collection, {"last_used": when[pid]},
+                                                                  points=[pid]), None)
 
 
 def visibility_filter(fingerprint: str, tenant: str, salt: str = ""):
