@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from workers.batch_decode import BatchKV, batch_decode_step, batch_prefill, kv_bytes_per_token  # noqa: E402
+from workers.batch_decode import (BatchKV, GraphedBatchStep, batch_decode_step, batch_prefill,  # noqa: E402
+                                  kv_bytes_per_token)
 from workers.model_loader import LLAMA3_8B, random_runner  # noqa: E402
 from workers.model_spec import ModelSpec  # noqa: E402
 
@@ -84,35 +85,64 @@ def time_prefill(runner, n: int, reps: int) -> dict:
     return {"tokens": n, "median_ms": statistics.median(times) * 1e3, "runs_ms": [t * 1e3 for t in times]}
 
 
-def time_decode(runner, batch: int, context: int, steps: int, warmup: int) -> dict:
+def time_decode(runner, batch: int, context: int, steps: int, warmup: int, graph: bool,
+                graph_attn: str = "auto") -> dict:
     """Decode ``steps`` tokens per sequence at ``batch`` with the cache filled to about
-    ``context``; tokens/s over the batch."""
+    ``context``; tokens/s over the batch. ``graph``: the static-shape step replayed as a CUDA
+    graph (captured during warm-up; run eagerly where CUDA is absent); else the eager step."""
     dev = runner.device
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     cache = BatchKV.empty(runner, batch, context)  # the whole budgeted cache, allocated up front
     cache.length = context - steps - warmup
     tok = torch.randint(0, runner.spec.vocab_size, (batch,), device=dev)
+    step = GraphedBatchStep(runner, cache, attn=graph_attn) if graph else (lambda t: batch_decode_step(runner, cache, t))
     for _ in range(warmup):
-        tok = batch_decode_step(runner, cache, tok).argmax(-1)
+        tok = step(tok).argmax(-1)
     sync(dev)
     t = time.perf_counter()
     for _ in range(steps):
-        tok = batch_decode_step(runner, cache, tok).argmax(-1)
+        tok = step(tok).argmax(-1)
     sync(dev)
     dt_s = time.perf_counter() - t
     out = {"batch": batch, "context": context, "steps": steps, "cache_gib": cache.nbytes / GIB,
            "ms_per_step": dt_s / steps * 1e3, "tokens_per_s": batch * steps / dt_s}
+    if graph:
+        out["captured"] = step.graph is not None
+        if step.graph_error:
+            out["graph_error"] = step.graph_error
     if dev.type == "cuda":
         out["peak_allocated_gib"] = torch.cuda.max_memory_allocated(dev) / GIB
-    del cache, tok
+    del cache, tok, step
+    free(dev)
+    return out
+
+
+def check_graph(runner, graph_attn: str, batch: int = 4, prompt: int = 64, steps: int = 4) -> dict:
+    """The graphed step against the eager step on the same inputs: logits and greedy tokens."""
+    dev = runner.device
+    ids = torch.randint(0, runner.spec.vocab_size, (batch, prompt), device=dev)
+    c1, logits = batch_prefill(runner, ids, steps)
+    c2 = c1.clone()
+    step = GraphedBatchStep(runner, c2, attn=graph_attn)
+    tok, diff, same = logits.argmax(-1), 0.0, 0
+    for _ in range(steps):
+        a, b = batch_decode_step(runner, c1, tok), step(tok)
+        diff = max(diff, float((a.float() - b.float()).abs().max()))
+        same += int((a.argmax(-1) == b.argmax(-1)).sum())
+        tok = a.argmax(-1)
+    out = {"captured": step.graph is not None, "max_abs_logit_diff": diff,
+           "argmax_agreement": same / (batch * steps), "logit_scale": float(logits.float().abs().max())}
+    if step.graph_error:
+        out["graph_error"] = step.graph_error
+    del c1, c2, step
     free(dev)
     return out
 
 
 def measure(runner, label: str, budgets: list[int], context: int, steps: int, warmup: int,
-            prefill_reps: int, extra_batches: list[int]) -> dict:
-    """Prefill once; decode at the max batch of every budget, plus ``extra_batches``."""
+            prefill_reps: int, extra_batches: list[int], modes: list[str], graph_attn: str = "auto") -> dict:
+    """Prefill once; decode (each mode) at the max batch of every budget, plus ``extra_batches``."""
     bpt = kv_bytes_per_token(runner)
     max_batch = {gib(b): b // (bpt * context) for b in budgets}
     if min(max_batch.values()) < 1:
@@ -120,14 +150,20 @@ def measure(runner, label: str, budgets: list[int], context: int, steps: int, wa
     res = {"label": label, "kv_layers": len(runner.kv_layers), "kv_bytes_per_token": bpt,
            "max_batch": max_batch}
     print(f"[{label}] {bpt} B/token, max batch by KV budget {max_batch}", flush=True)
+    if "graph" in modes:
+        res["graph_check"] = check_graph(runner, graph_attn)
+        print(f"[{label}] graphed step vs eager: {res['graph_check']}", flush=True)
     res["prefill"] = time_prefill(runner, context, prefill_reps)
     print(f"[{label}] prefill {context} tokens: {res['prefill']['median_ms']:.1f} ms", flush=True)
-    res["decode"] = {}
-    for b in dict.fromkeys(list(max_batch.values()) + extra_batches):
-        d = time_decode(runner, b, context, steps, warmup)
-        res["decode"][str(b)] = d
-        print(f"[{label}] decode batch {b}: {d['ms_per_step']:.2f} ms/step, {d['tokens_per_s']:.0f} tokens/s",
-              flush=True)
+    for mode in modes:
+        key = "decode" if mode == "eager" else "decode_graph"
+        res[key] = {}
+        for b in dict.fromkeys(list(max_batch.values()) + extra_batches):
+            d = time_decode(runner, b, context, steps, warmup, graph=mode == "graph", graph_attn=graph_attn)
+            res[key][str(b)] = d
+            note = "" if mode == "eager" else (" (graph)" if d.get("captured") else " (static, not captured)")
+            print(f"[{label}] {mode} decode batch {b}: {d['ms_per_step']:.2f} ms/step, "
+                  f"{d['tokens_per_s']:.0f} tokens/s{note}", flush=True)
     return res
 
 
@@ -152,6 +188,10 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=None, help="tokens per sequence (default 4096; tiny 128)")
     ap.add_argument("--steps", type=int, default=None, help="timed decode steps (default 32; tiny 4)")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--no-graph", action="store_true", help="eager decode only (no CUDA-graph step)")
+    ap.add_argument("--graph-attn", choices=("auto", "sdpa", "matmul"), default="auto",
+                    help="attention in the graphed step: masked SDPA (flash/efficient), two matmuls, "
+                         "or auto (matmuls when batch x KV heads < 128)")
     ap.add_argument("--prefill-reps", type=int, default=None, help="default 5 (tiny 2)")
     args = ap.parse_args(argv)
     tiny = args.tiny
@@ -173,38 +213,54 @@ def main(argv=None) -> int:
     kv_map = fixed_map(spec.num_layers)
     n_shared = sum(1 for l, s in enumerate(kv_map) if s != l)
 
-    base = measure(runner, "no sharing", budgets, context, steps, args.warmup, reps, [1])
+    modes = ["eager"] if args.no_graph else ["graph", "eager"]
+    base = measure(runner, "no sharing", budgets, context, steps, args.warmup, reps, [1], modes,
+                   args.graph_attn)
     b0 = base["max_batch"][gib(budget)]
     runner.share_kv(kv_map)  # in place: the shared layers drop their K/V projection rows
     free(dev)
     shared = measure(runner, "kvsharer 25%", budgets, context, steps, args.warmup, reps,
-                     list(base["max_batch"].values()) + [1])
+                     list(base["max_batch"].values()) + [1], modes, args.graph_attn)
     b1 = shared["max_batch"][gib(budget)]
-
-    def tps(res, b):
-        return res["decode"][str(b)]["tokens_per_s"]
-
+    captured = "graph" in modes and all(d.get("captured") for r in (base, shared)
+                                        for d in r["decode_graph"].values())
+    headline = "graph" if captured else "eager"
     elem = torch.finfo(dtype).bits // 8
-    by_budget = []
-    for bud in budgets:
-        x0, x1 = base["max_batch"][gib(bud)], shared["max_batch"][gib(bud)]
-        m0 = bandwidth_model(spec, spec.num_layers, elem, x0, context)
-        m1 = bandwidth_model(spec, spec.num_layers - n_shared, elem, x1, context)
-        m1s = bandwidth_model(spec, spec.num_layers - n_shared, elem, x0, context)
-        by_budget.append({"budget_gib": bud / GIB, "batch_no_sharing": x0, "batch_sharing": x1,
-                          "tokens_per_s_no_sharing": tps(base, x0), "tokens_per_s_sharing": tps(shared, x1),
-                          "speedup_at_max_batches": tps(shared, x1) / tps(base, x0),
-                          "speedup_same_batch": tps(shared, x0) / tps(base, x0),
-                          "bandwidth_model_speedup_at_max_batches": (x1 / m1) / (x0 / m0),
-                          "bandwidth_model_speedup_same_batch": m0 / m1s})
+
+    def decode_summary(key: str) -> dict:
+        def tps(res, b):
+            return res[key][str(b)]["tokens_per_s"]
+
+        by_budget = []
+        for bud in budgets:
+            x0, x1 = base["max_batch"][gib(bud)], shared["max_batch"][gib(bud)]
+            m0 = bandwidth_model(spec, spec.num_layers, elem, x0, context)
+            m1 = bandwidth_model(spec, spec.num_layers - n_shared, elem, x1, context)
+            m1s = bandwidth_model(spec, spec.num_layers - n_shared, elem, x0, context)
+            by_budget.append({"budget_gib": bud / GIB, "batch_no_sharing": x0, "batch_sharing": x1,
+                              "tokens_per_s_no_sharing": tps(base, x0), "tokens_per_s_sharing": tps(shared, x1),
+                              "speedup_at_max_batches": tps(shared, x1) / tps(base, x0),
+                              "speedup_same_batch": tps(shared, x0) / tps(base, x0),
+                              "bandwidth_model_speedup_at_max_batches": (x1 / m1) / (x0 / m0),
+                              "bandwidth_model_speedup_same_batch": m0 / m1s})
+        return {"tokens_per_s": (tps(base, b0), tps(shared, b1), tps(shared, b0), tps(base, 1), tps(shared, 1)),
+                "decode_speedup_at_max_batches": tps(shared, b1) / tps(base, b0),
+                "decode_speedup_same_batch": tps(shared, b0) / tps(base, b0),
+                "decode_speedup_batch1": tps(shared, 1) / tps(base, 1),
+                "by_budget": by_budget}
+
+    per_mode = {m: decode_summary("decode" if m == "eager" else "decode_graph") for m in modes}
+    top = per_mode[headline]
     summary = {
+        "headline_decode": headline,
         "kv_bytes_change": shared["kv_bytes_per_token"] / base["kv_bytes_per_token"] - 1,
         "max_batch_change": b1 / b0 - 1,
-        "decode_speedup_at_max_batches": tps(shared, b1) / tps(base, b0),
-        "decode_speedup_same_batch": tps(shared, b0) / tps(base, b0),
-        "decode_speedup_batch1": tps(shared, 1) / tps(base, 1),
+        "decode_speedup_at_max_batches": top["decode_speedup_at_max_batches"],
+        "decode_speedup_same_batch": top["decode_speedup_same_batch"],
+        "decode_speedup_batch1": top["decode_speedup_batch1"],
         "prefill_speedup": base["prefill"]["median_ms"] / shared["prefill"]["median_ms"],
-        "by_budget": by_budget,
+        "by_budget": top["by_budget"],
+        "decode_modes": per_mode,
     }
     goals = {"kv_bytes_minus_25pct": summary["kv_bytes_change"] <= -0.25 + 1e-9,
              "max_batch_plus_33pct": summary["max_batch_change"] >= 0.33,
@@ -227,20 +283,23 @@ def main(argv=None) -> int:
 
     rows = [("KV bytes / token", base["kv_bytes_per_token"], shared["kv_bytes_per_token"], summary["kv_bytes_change"]),
             (f"max batch ({budget / GIB:g} GiB, ctx {context})", b0, b1, summary["max_batch_change"]),
-            (f"decode tok/s at max batch ({b0} vs {b1})", tps(base, b0), tps(shared, b1),
-             summary["decode_speedup_at_max_batches"] - 1),
-            (f"decode tok/s same batch ({b0})", tps(base, b0), tps(shared, b0), summary["decode_speedup_same_batch"] - 1),
-            ("decode tok/s batch 1", tps(base, 1), tps(shared, 1), summary["decode_speedup_batch1"] - 1),
             (f"prefill {context} tokens (ms)", base["prefill"]["median_ms"], shared["prefill"]["median_ms"],
              shared["prefill"]["median_ms"] / base["prefill"]["median_ms"] - 1)]
+    for m in modes:
+        t = per_mode[m]["tokens_per_s"]
+        tag = m if m == "eager" else ("graph" if captured else "static")
+        rows += [(f"{tag} decode tok/s, max batch ({b0} vs {b1})", t[0], t[1], t[1] / t[0] - 1),
+                 (f"{tag} decode tok/s, same batch ({b0})", t[0], t[2], t[2] / t[0] - 1),
+                 (f"{tag} decode tok/s, batch 1", t[3], t[4], t[4] / t[3] - 1)]
     print(f"\nKVSharer, {'tiny' if tiny else 'Llama-3-8B'} shape, {gpu}, {n_shared}/{spec.num_layers} layers shared")
-    print(f"{'':40s}{'no sharing':>14s}{'sharing':>14s}{'change':>10s}")
+    print(f"{'':44s}{'no sharing':>13s}{'sharing':>13s}{'change':>9s}")
     for name, a, b, ch in rows:
-        print(f"{name:40s}{a:14,.1f}{b:14,.1f}{ch:+10.1%}")
-    print(f"\n{'KV budget':>10s}{'batch':>12s}{'tok/s':>22s}{'speedup':>9s}{'same batch':>11s}"
+        print(f"{name:44s}{a:13,.1f}{b:13,.1f}{ch:+9.1%}")
+    print(f"\n{headline} decode by KV budget (model: bandwidth model's speedup)")
+    print(f"{'budget':>8s}{'batch':>11s}{'tok/s':>22s}{'speedup':>9s}{'same batch':>11s}"
           f"{'model':>8s}{'model same':>11s}")
-    for r in by_budget:
-        print(f"{r['budget_gib']:9g}G{r['batch_no_sharing']:6d}->{r['batch_sharing']:<5d}"
+    for r in summary["by_budget"]:
+        print(f"{r['budget_gib']:7g}G{r['batch_no_sharing']:5d}->{r['batch_sharing']:<5d}"
               f"{r['tokens_per_s_no_sharing']:10,.0f}->{r['tokens_per_s_sharing']:<10,.0f}"
               f"{r['speedup_at_max_batches']:8.2f}x{r['speedup_same_batch']:10.2f}x"
               f"{r['bandwidth_model_speedup_at_max_batches']:7.2f}x{r['bandwidth_model_speedup_same_batch']:10.2f}x")

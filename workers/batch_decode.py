@@ -87,9 +87,14 @@ def _routing(runner: LlamaRunner, kv_source: Sequence[int] | None) -> tuple[list
 SMALL_DECODE_BATCH_HEADS = 128
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Softmax precision: at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def attend_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Unmasked attention of q [B, Hkv, g, d] over k, v [B, Hkv, n, d] by two matmuls."""
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    scores = torch.matmul(q, k.transpose(-1, -2)).to(_acc(q.dtype)) * scale
     return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
 
 
@@ -233,3 +238,107 @@ def batch_generate(runner: LlamaRunner, token_ids, max_tokens: int = 32,
         cut = next((j + 1 for j, t in enumerate(r) if t in stop), len(r))
         result.append(r[:cut])
     return result
+
+
+# ---- one decode step as a CUDA graph ----------------------------------------------------------
+class GraphedBatchStep:
+    """``batch_decode_step`` for a fixed cache and batch, with static shapes so that CUDA can
+    capture it once and replay it: an eager step of an 8B model launches ~1,000 small kernels
+    whose CPU cost (~20-30 ms on an H100 host) exceeds the ~15 ms of memory reads of a large
+    batch. Attention spans the whole cache capacity with a mask by position (the position is a
+    device tensor), K/V are written with ``index_copy_``. Without CUDA (or ``graph=False``) the
+    same static body runs eagerly, which is what the CPU tests check against the plain step.
+    Capture happens on the first call, which must find a free slot (length < capacity): the
+    capture's warm-up writes land in the next slot, which that call then overwrites."""
+
+    def __init__(self, runner: LlamaRunner, cache: BatchKV, graph: bool | None = None,
+                 attn: str = "auto") -> None:
+        if attn not in ("auto", "sdpa", "matmul"):
+            raise ValueError(f"attn must be auto, sdpa or matmul, got {attn!r}")
+        self.runner, self.cache, self.attn = runner, cache, attn
+        dev = runner.device
+        self.use_graph = (dev.type == "cuda") if graph is None else graph
+        self.tok = torch.zeros(cache.batch, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        cap = cache.capacity
+        width = -(-cap // 16) * 16  # mask rows 16-aligned, or SDPA falls back to its math path
+        self.key_pos = torch.arange(width, device=dev)
+        self.cap = cap
+        self.graph: "torch.cuda.CUDAGraph | None" = None
+        self.logits: torch.Tensor | None = None
+        self.graph_error: str | None = None
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        r, s = self.runner, self.runner.spec
+        B, H, _, d = q.shape
+        qf = q.reshape(B, s.num_kv_heads, H // s.num_kv_heads, d)
+        small = q.is_cuda and B * s.num_kv_heads < SMALL_DECODE_BATCH_HEADS
+        if self.attn == "matmul" or (self.attn == "auto" and small):
+            scores = torch.matmul(qf, k.transpose(-1, -2)).to(_acc(q.dtype)) * r.scale
+            scores.masked_fill_(~mask, float("-inf"))
+            o = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+        elif q.is_cuda and sdpa_kernel is not None:
+            with sdpa_kernel(_NO_CUDNN):
+                o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=r.scale)
+        else:
+            o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=r.scale)
+        return o.reshape(B, 1, H * d)
+
+    def _body(self) -> torch.Tensor:
+        r, s, c = self.runner, self.runner.spec, self.cache
+        pos = self.pos
+        cos, sin = r.rope.cos_sin(pos, r.dtype)
+        mask = (self.key_pos[None, :] <= pos[:, None])[None, None, :, :self.cap]  # [1, 1, 1, cap]
+        h = r.embed(self.tok)[:, None, :]
+        B = h.shape[0]
+        for l in range(s.num_layers):
+            lw, slot, own = r.layers[l], r.kv_slot[l], r.kv_source[l] == l
+            x = F.linear(r._norm(h, lw.attn_norm), lw.w_qkv, lw.b_qkv)
+            q = apply_rope(x[..., :s.q_size].view(B, 1, s.num_heads, s.head_dim).transpose(1, 2), cos, sin)
+            if own:
+                kv = s.kv_size
+                k = x[..., s.q_size:s.q_size + kv].view(B, 1, s.num_kv_heads, s.head_dim).transpose(1, 2)
+                v = x[..., s.q_size + kv:].view(B, 1, s.num_kv_heads, s.head_dim).transpose(1, 2)
+                c.k[slot].index_copy_(2, pos, apply_rope(k, cos, sin))
+                c.v[slot].index_copy_(2, pos, v)
+            attn = self._attend(q, c.k[slot], c.v[slot], mask)
+            h = h + F.linear(attn, lw.w_o)
+            h = h + r.mlp(l, h)
+        return r.logits(h[:, -1])
+
+    def _capture(self) -> None:
+        dev = self.runner.device
+        self.pos.fill_(self.cache.length)  # warm-up writes go to the slot this call fills anyway
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._body()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._body()
+
+    @torch.inference_mode()
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per sequence (tokens [B]) at ``cache.length``; logits [B, vocab]."""
+        c = self.cache
+        t = c.length
+        if t >= c.capacity:
+            raise ValueError(f"batch KV cache is full ({c.capacity} positions)")
+        self.tok.copy_(tokens.reshape(-1))
+        if self.use_graph and self.graph is None:
+            try:
+                self._capture()
+            except Exception as e:  # a kernel that will not capture: run eagerly from now on
+                self.graph_error = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                self.use_graph, self.graph = False, None
+                torch.cuda.synchronize(self.runner.device)
+        self.pos.fill_(t)
+        if self.graph is not None:
+            self.graph.replay()
+            out = self.logits.clone()
+        else:
+            out = self._body()
+        c.length = t + 1
+        return out

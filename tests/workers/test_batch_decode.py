@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.batch_decode import (BatchKV, attend_matmul, batch_decode_step, batch_generate,
-                                  batch_prefill, kv_bytes_per_token)
+from workers.batch_decode import (BatchKV, GraphedBatchStep, attend_matmul, batch_decode_step,
+                                  batch_generate, batch_prefill, kv_bytes_per_token)
 from workers.engine import ReuseEngine, ReuseSettings
 from workers.model_loader import random_runner
 from workers.model_spec import ModelSpec
@@ -109,3 +109,24 @@ def test_matmul_decode_attention_equals_sdpa():
                for shape in ((3, 2, 4, 16), (3, 2, 37, 16), (3, 2, 37, 16)))
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.25)
     assert torch.allclose(attend_matmul(q, k, v, 0.25), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("kv_source, attn", [(None, "auto"), (MAP, "auto"), (MAP, "matmul")])
+def test_static_step_equals_plain_step(kv_source, attn):
+    """The graph-capturable step (run eagerly here: no CUDA) gives the plain step's logits and KV."""
+    r = runner(kv_source)
+    ids = prompts(3, 10)
+    c1, logits = batch_prefill(r, ids, 6)
+    c2 = c1.clone()
+    step = GraphedBatchStep(r, c2, attn=attn)
+    assert not step.use_graph
+    tok = logits.argmax(-1)
+    for _ in range(6):
+        a = batch_decode_step(r, c1, tok)
+        b = step(tok)
+        assert torch.allclose(a, b, atol=1e-10)
+        tok = a.argmax(-1)
+    assert c1.length == c2.length == 16
+    assert torch.allclose(c1.k, c2.k) and torch.allclose(c1.v, c2.v)
+    with pytest.raises(ValueError, match="full"):
+        step(tok)
