@@ -34,7 +34,54 @@ from workers.worker_actor import ACTOR_OPTIONS, WorkerActor, WorkerOptions
 log = logging.getLogger(__name__)
 
 APP_NAME = "kvcluster"
-IndexActor = ray.remote(IndexService)
+
+
+class CachingEmbedder:
+    """The index's embedder with a small memo of recent texts: the router looks a prompt up, then
+    indexes the same prompt after it ran; the second embedding comes from here."""
+
+    def __init__(self, inner=None, size: int = 512) -> None:
+        from collections import OrderedDict
+
+        from index_service.embedder import Embedder
+        self.inner = inner or Embedder()
+        self.size = size
+        self._memo: OrderedDict = OrderedDict()
+        self.hits = 0
+
+    @property
+    def dim(self) -> int:
+        return self.inner.dim
+
+    def embed_one(self, text: str):
+        import xxhash
+        key = xxhash.xxh3_128_hexdigest(text.encode("utf-8", "surrogatepass")) if isinstance(text, str) else None
+        if key is not None and key in self._memo:
+            self._memo.move_to_end(key)
+            self.hits += 1
+            return self._memo[key]
+        vec = self.inner.embed_one(text)
+        if key is not None:
+            self._memo[key] = vec
+            while len(self._memo) > self.size:
+                self._memo.popitem(last=False)
+        return vec
+
+    def __getattr__(self, name):
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+class MemoIndexService(IndexService):
+    """IndexService whose embedder remembers recent prompts (built inside the actor's process)."""
+
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("embedder", CachingEmbedder())
+        super().__init__(**kwargs)
+
+
+IndexActor = ray.remote(MemoIndexService)
 
 
 def is_worker_lost(exc: BaseException) -> bool:

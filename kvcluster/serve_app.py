@@ -337,13 +337,13 @@ class KVClusterServer:
             self.metrics.requests.labels(endpoint, "400").inc()
             code = "context_length_exceeded" if isinstance(e, PromptTooLongError) else None
             return _bad(str(e), code=code).response()
-        self._active += 1
         rid = ("chatcmpl-" if chat else "cmpl-") + rreq.request_id
         created = int(time.time())
-        if stream:
+        if stream:  # counted from when the stream starts: a client gone before that costs nothing
             return StreamingResponse(self._sse(rreq, stops, t0, chat, rid, created, include_usage, endpoint),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
+        self._active += 1
         try:
             end = None
             async for kind, payload in self._events(rreq, stops, t0):
@@ -380,6 +380,7 @@ class KVClusterServer:
                                           "choices": [c]}) + "\n\n"
 
         status = "200"
+        self._active += 1
         try:
             if chat:
                 yield chunk(None, role=True)

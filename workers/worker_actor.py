@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from index_service.plan import ReusePlan, ReuseSpan
+from transport.block import block_key
 from transport.tiers.host import HostTier
 from transport.tiers.tiered import TieredStore
 from workers.engine import MODES, ReuseEngine, ReuseSettings, sample
@@ -460,13 +461,32 @@ class Worker:
         try:
             seg = self.engine.segment_of(seq, sid, req["tenant"], req["scope"], device="cpu")
             self.segments.put(seg)
-            if not self.tiers.flush(self.options.flush_timeout_s):
+            if not self._wait_local(sid, seg.n_tokens):
                 log.warning("segment %s: write-back still queued after %.0f s", sid, self.options.flush_timeout_s)
         except Exception as e:  # noqa: BLE001 - a segment not stored is only a future miss
             log.warning("could not store segment %s (%s: %s)", sid, type(e).__name__, e)
             return None
         self.counters["segments_written"] += 1
         return sid
+
+    def _wait_local(self, segment_id: str, n_tokens: int) -> bool:
+        """Wait until this worker can serve the segment to peers (its blocks are in the GPU or host
+        tier); the write-through to Redis goes on in the background."""
+        t = self.tiers
+        bt = self.options.block_tokens
+        keys = [block_key(self.fingerprint, segment_id, i) for i in range(-(-n_tokens // bt))]
+        if t.gpu is not None and all(t.gpu.contains(k) for k in keys):
+            return True
+        if t.host is None:
+            return t.flush(self.options.flush_timeout_s)
+        deadline = time.monotonic() + self.options.flush_timeout_s
+        pause = 0.0005
+        while not all(t.host.contains(k) for k in keys):
+            if time.monotonic() > deadline or t.host.stats.dropped_writes and not t.host.contains(keys[-1]):
+                return t.flush(max(0.0, deadline - time.monotonic()))
+            time.sleep(pause)
+            pause = min(pause * 2, 0.01)
+        return True
 
     def _validate(self, r: Any) -> dict:
         if not isinstance(r, dict):

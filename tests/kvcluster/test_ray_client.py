@@ -65,3 +65,27 @@ def test_example_serve_config_is_valid_and_builds():
     assert type(app).__name__ == "Application"
     with pytest.raises(ConfigError):
         app_builder({"nonsense": "1"})
+
+
+def test_caching_embedder_embeds_a_text_once():
+    import numpy as np
+
+    from kvcluster.ray_client import CachingEmbedder
+
+    class Fake:
+        dim = 4
+        calls = 0
+
+        def embed_one(self, text):
+            Fake.calls += 1
+            return np.full(4, len(text), dtype=np.float32)
+
+    e = CachingEmbedder(Fake(), size=2)
+    assert e.dim == 4
+    e.embed_one("aa")
+    e.embed_one("aa")
+    assert Fake.calls == 1 and e.hits == 1
+    e.embed_one("b")
+    e.embed_one("c")  # evicts "aa"
+    e.embed_one("aa")
+    assert Fake.calls == 4
