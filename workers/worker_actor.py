@@ -397,9 +397,10 @@ class Worker:
             self._cancelled.discard(rid)
             c["generated_tokens"] += n_out
             sid = self._write_back(seq, req) if keep else None
+            decode_recomputed = seq.decode_recomputed
             del seq
         yield {"type": "done", "worker": self.worker_id, "finish_reason": reason, "completion_tokens": n_out,
-               "decode_s": decode_s, "decode_recomputed": 0, "segment_id": sid,
+               "decode_s": decode_s, "decode_recomputed": decode_recomputed, "segment_id": sid,
                "fetched_donors": fetch["fetched"], "missing_donors": fetch["missing"]}
 
     def _prepare(self, req: dict) -> tuple[ReusePlan | None, dict]:
