@@ -104,7 +104,7 @@ def _make_embedded(config: KVClusterConfig):
 # ---- remote backends (hooks) ----------------------------------------------------------------------
 _BACKENDS: dict[str, Callable[[str, KVClusterConfig], Any]] = {}
 _BACKEND_MODULES = {"ray": "kvcluster.ray_client", "auto": "kvcluster.ray_client",
-                    "http": "kvcluster.http_client", "https": "kvcluster.http_client"}
+                    "http": "kvcluster.ray_client", "https": "kvcluster.ray_client"}
 
 
 def register_backend(scheme: str, factory: Callable[[str, KVClusterConfig], Any]) -> None:
