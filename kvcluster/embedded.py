@@ -64,7 +64,8 @@ class EmbeddedCluster:
         self.engine = ReuseEngine(runner, self.store, self.settings, max_context=cfg.model.max_context)
         self.max_context: int = self.engine.max_context
         self.index = self._open_index(embedder)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the engine, the store, and lookup + write-back with them
+        self._tok_lock = threading.Lock()
         self._closed = False
         self.stats = {"requests": 0, "prompt_tokens": 0, "reused_tokens": 0, "cached_tokens": 0,
                       "recomputed_tokens": 0, "fallbacks": 0, "prefix": 0, "semantic": 0, "miss": 0}
@@ -149,13 +150,18 @@ class EmbeddedCluster:
         the model's chat template with the generation prompt; raw text when it has none."""
         tok = self.tokenizer
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return list(tok(text, add_special_tokens=False)["input_ids"])
-        if isinstance(prompt, str):
-            return list(tok(prompt)["input_ids"])
-        text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
-        return list(tok(text)["input_ids"])
+        with self._tok_lock:  # a fast tokenizer is not re-entrant across threads
+            if getattr(tok, "chat_template", None):
+                text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                return list(tok(text, add_special_tokens=False)["input_ids"])
+            if isinstance(prompt, str):
+                return list(tok(prompt)["input_ids"])
+            text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+            return list(tok(text)["input_ids"])
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        with self._tok_lock:
+            return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     # ---- requests -------------------------------------------------------------------------------
     def submit(self, prompt, max_tokens: int = 64, temperature: float = 0.0, tenant: str = "default",
@@ -200,7 +206,7 @@ class EmbeddedCluster:
             source = "miss"
         else:  # prefix caching alone reuses only the exact prefix, whatever else the plan matched
             source = "prefix" if self.settings.mode == "prefix" else plan.source
-        text = self.tokenizer.decode(res.token_ids, skip_special_tokens=True)
+        text = self.detokenize(res.token_ids)
         out = SubmitResult(text=text, token_ids=list(res.token_ids), prompt_tokens=res.prompt_tokens,
                            cached_tokens=res.cached_tokens, recomputed_tokens=res.recomputed_tokens,
                            source=source, ttft_s=pre_s + res.ttft_s, decode_s=res.decode_s,

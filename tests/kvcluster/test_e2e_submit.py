@@ -13,10 +13,10 @@ import kvcluster
 from kvcluster.client import EmbeddedClient
 from kvcluster.config import ConfigError
 from kvcluster.types import EmptyPromptError, InvalidRequestError, PromptTooLongError, UnknownScopeError
-from kvcluster.workloads import heldout_paragraphs
+from kvcluster.workloads import heldout_paragraphs, split_sentences
 
 pytestmark = pytest.mark.slow
-MAX_TOKENS = 4
+MAX_TOKENS = 2
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +31,18 @@ def shared():
 
 @pytest.fixture(scope="module")
 def docs():
-    """Three real Wikipedia lead paragraphs (~50-100 tokens each)."""
-    out = [p for p in heldout_paragraphs(60, offset=0) if 200 <= len(p) <= 450][:3]
-    assert len(out) == 3
-    return out
+    """Three real Wikipedia lead paragraphs, cut to their first sentences (~50-70 tokens each)."""
+    out = []
+    for p in heldout_paragraphs(20, offset=0):
+        keep = ""
+        for sent in split_sentences(p):
+            if len(keep) + len(sent) > 300:
+                break
+            keep = f"{keep} {sent}".strip()
+        if len(keep) >= 150:
+            out.append(keep)
+    assert len(out) >= 3
+    return out[:3]
 
 
 def make(shared, path, **sections):
@@ -176,7 +184,7 @@ def test_index_that_cannot_start_is_a_miss(shared, tmp_path, monkeypatch, caplog
 def test_bad_inputs_on_a_running_cluster(shared, docs, tmp_path):
     with make(shared, tmp_path / "q") as c:
         client = EmbeddedClient(cluster=c)
-        long_prompt = " ".join(docs * 6)  # ~1.5k tokens > the 1024-token context of these tests
+        long_prompt = " ".join(docs * 12)  # ~1.5k tokens > the 1024-token context of these tests
         with pytest.raises(PromptTooLongError, match="context"):
             client.submit(long_prompt, max_tokens=4)
         fits = c.tokenize(docs[0])
