@@ -7,7 +7,8 @@ Cluster: ``RayCluster`` (kvcluster/ray_client.py) with 3 worker actors of class
 a random request, probability ``--kill-p``; actors restart without limit), the index actor over
 embedded Qdrant (MiniLM embedder), a Redis tier on our own redis-server (own port, own prefix,
 stopped at the end), TCP channel between workers. Plus ``--external-kills`` ``ray.kill`` calls
-from the driver at random times. Model: the tiny random-weight Llama (SmolLM2 tokenizer).
+from the driver at random times; ``--redis-outage`` stops the redis-server a third of the way
+through and starts it again (empty, same port) at two thirds. Model: the tiny random-weight Llama (SmolLM2 tokenizer).
 
 Each request goes through ``Router.stream`` (the path the Serve ingress uses) with ``stop_ids=[]``,
 so it must yield exactly one "prefill", exactly ``max_tokens`` "token" events, and one "done".
@@ -130,10 +131,30 @@ async def run(args) -> dict:
                 with open(kill_log, "a") as f:
                     f.write("external\n")
 
+        redis_events: list[tuple[str, int]] = []
+
+        async def redis_outage() -> None:
+            """Stop our redis-server once a third of the requests are done, start it (empty, same
+            port) at two thirds."""
+            n = args.requests
+            while len(results) < n // 3:
+                await asyncio.sleep(0.2)
+            redis.stop()
+            redis_events.append(("stopped", len(results)))
+            while len(results) < 2 * n // 3:
+                await asyncio.sleep(0.2)
+            redis.start()
+            redis_events.append(("started", len(results)))
+
         ext = asyncio.get_running_loop().create_task(external())
+        if args.redis_outage:
+            asyncio.get_running_loop().create_task(redis_outage())
         await asyncio.gather(*[one(i) for i in range(args.requests)])
         ext.cancel()
         stats = cluster.router.stats()
+        wstats = await cluster.worker_stats(timeout_s=10)
+        from kvcluster.metrics import tier_totals
+        tiers = tier_totals(wstats)
     finally:
         if cluster is not None:
             cluster.shutdown()
@@ -160,6 +181,10 @@ async def run(args) -> dict:
         "requests_with_reuse": sum(1 for r in results.values() if r.get("reused", 0) > 0),
         "router": {k: v for k, v in stats.items() if k != "scheduler"},
         "errors": sorted({r["error"] for r in results.values() if r.get("error")})[:10],
+        "redis_events": redis_events if args.redis_outage else None,
+        "reuse_by_third": [sum(1 for i in range(k * args.requests // 3, (k + 1) * args.requests // 3)
+                               if results.get(i, {}).get("reused", 0) > 0) for k in range(3)],
+        "redis_tier_end": tiers.get("redis"),
     }
 
 
@@ -173,6 +198,8 @@ def main() -> int:
     ap.add_argument("--external-kills", type=int, default=5)
     ap.add_argument("--max-minutes", type=float, default=25)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--redis-outage", action="store_true",
+                    help="stop our redis-server after 1/3 of the requests, start it again at 2/3")
     ap.add_argument("--client-retry-s", type=float, default=60.0,
                     help="a request refused with 'no worker is up' (HTTP 503) is sent again for this long")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "chaos_worker_kill.json"))
