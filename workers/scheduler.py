@@ -281,8 +281,13 @@ class Dispatcher:
     """Runs each job on the worker the scheduler picks; retries a job whose worker was lost."""
 
     def __init__(self, scheduler: Scheduler, is_worker_lost: Callable[[BaseException], bool] = lambda e: False,
-                 max_attempts: int = 3, on_worker_lost: Callable[[str, BaseException], None] | None = None) -> None:
+                 max_attempts: int = 3, on_worker_lost: Callable[[str, BaseException], None] | None = None,
+                 park_s: float = 120.0) -> None:
         self.scheduler = scheduler
+        # with every worker down (all restarting), jobs wait this long for one to come back
+        # instead of failing at once
+        self.park_s = park_s
+        self._parked: dict[Job, asyncio.TimerHandle] = {}
         self.is_worker_lost = is_worker_lost
         self.max_attempts = max_attempts
         self.on_worker_lost = on_worker_lost
@@ -307,14 +312,37 @@ class Dispatcher:
             raise
         finally:
             self._pending.pop(job, None)
+            timer = self._parked.pop(job, None)
+            if timer is not None:
+                timer.cancel()
 
     def _submit(self, job: Job) -> None:
         try:
             w = self.scheduler.submit(job)
         except NoWorkerError as e:
-            self._fail(job, e)
+            if self.scheduler.workers and self.park_s > 0:  # known workers, all down: wait
+                self._park(job, e)
+            else:
+                self._fail(job, e)
             return
         self._pump(w)
+
+    def _park(self, job: Job, exc: BaseException) -> None:
+        if job in self._parked:
+            return
+        loop = asyncio.get_running_loop()
+        self._parked[job] = loop.call_later(self.park_s, self._expire, job, exc)
+
+    def _expire(self, job: Job, exc: BaseException) -> None:
+        if self._parked.pop(job, None) is not None:
+            self._fail(job, NoWorkerError(f"{exc}; none came back within {self.park_s:.0f} s"))
+
+    def _unpark(self) -> None:
+        parked, self._parked = self._parked, {}
+        for job, timer in parked.items():
+            timer.cancel()
+            if job in self._pending and not self._pending[job][1].done():
+                self._submit(job)
 
     def _fail(self, job: Job, exc: BaseException) -> None:
         entry = self._pending.get(job)
@@ -377,6 +405,7 @@ class Dispatcher:
 
     def mark_up(self, worker: str) -> None:
         self.scheduler.mark_up(worker)
+        self._unpark()
         self._pump(worker)
 
     async def drain(self) -> None:

@@ -502,3 +502,35 @@ def test_donor_blocks_cross_the_tcp_channel(smollm2):
     finally:
         a.shutdown()
         b.shutdown()
+
+
+def test_jobs_wait_for_a_restarting_worker_instead_of_failing():
+    """All workers down (restarting): a job is parked, then runs when one comes back."""
+    import asyncio
+
+    from workers.scheduler import Dispatcher, Job, NoWorkerError, Scheduler
+
+    async def scenario():
+        sched = Scheduler(["w0"])
+        sched.mark_down("w0")
+        disp = Dispatcher(sched, park_s=5.0)
+
+        async def call(worker, job):
+            return worker
+
+        task = asyncio.ensure_future(disp.run(Job(job_id="j1"), call))
+        await asyncio.sleep(0.05)
+        assert not task.done()  # parked, not failed
+        disp.mark_up("w0")
+        assert await asyncio.wait_for(task, 2) == "w0"
+        # and a job parked past its deadline fails with a clear error
+        sched.mark_down("w0")
+        short = Dispatcher(sched, park_s=0.05)
+        try:
+            await short.run(Job(job_id="j2"), call)
+        except NoWorkerError as e:
+            return str(e)
+        raise AssertionError("expected NoWorkerError")
+
+    msg = asyncio.run(scenario())
+    assert "came back" in msg
