@@ -123,8 +123,17 @@ def _delegate(module: str, funcs: tuple[str, ...], argv: list[str], what: str) -
     return int(rc or 0)
 
 
+def _quiet_cpu_threads() -> None:
+    """Idle OpenMP threads sleep instead of spinning (before torch loads): on a small shared CPU,
+    spinning threads of one process steal the cores the others wait for (seen here: an 8-token
+    prefill took 3 s with spinning threads under load, 0.1 s with passive ones)."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_cpu_threads()
     # delegated commands take their own arguments, untouched
     cmd_at = _command_index(argv)
     if cmd_at is not None:

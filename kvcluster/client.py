@@ -21,9 +21,11 @@ bad request fails fast with a typed ``InvalidRequestError``, without loading a m
 from __future__ import annotations
 
 import asyncio
+import atexit
 import importlib
 import logging
 import threading
+import time
 from typing import Any, Callable, Protocol
 
 from kvcluster.config import ConfigError, KVClusterConfig
@@ -73,11 +75,10 @@ class EmbeddedClient:
     def submit(self, prompt: Prompt, max_tokens: int = 64, temperature: float = 0.0, tenant: str = "default",
                share: str = "private", cache_salt: str | None = None, top_p: float = 1.0,
                seed: int | None = None) -> SubmitResult:
-        import time
-        t0 = time.perf_counter()
         req = validate_request(prompt, max_tokens, temperature, tenant, share, cache_salt, top_p, seed,
                                config=self.config)
-        return self.cluster.submit_request(req, t0)
+        cluster = self.cluster  # started before the clock starts: TTFT is the request's, not the start's
+        return cluster.submit_request(req, time.perf_counter())
 
     async def asubmit(self, prompt: Prompt, **kwargs: Any) -> SubmitResult:
         # validate here, on the caller's side, so a bad request fails before a thread is taken
@@ -132,7 +133,7 @@ def _remote(address: str, config: KVClusterConfig):
         try:
             factory = getattr(importlib.import_module(module), "connect")
         except (ImportError, AttributeError):
-            kind = "Ray" if module.endswith("ray_client") else "HTTP"
+            kind = "HTTP" if scheme.startswith("http") else "Ray"
             raise BackendUnavailableError(
                 f"connecting to {address!r} needs the {kind} client backend ({module}.connect), which "
                 f"this installation does not provide yet; use the embedded cluster (address=None) or "
@@ -158,6 +159,7 @@ def connect(address: str | None = None, config: Any = None):
 # ---- the module-level default client ---------------------------------------------------------------
 _default: Any = None
 _default_lock = threading.Lock()
+_atexit_set = False
 
 
 def default_client():
@@ -167,6 +169,10 @@ def default_client():
         with _default_lock:
             if _default is None:
                 _default = connect()
+                global _atexit_set
+                if not _atexit_set:
+                    atexit.register(shutdown)  # close the embedded index cleanly at exit
+                    _atexit_set = True
     return _default
 
 

@@ -61,17 +61,26 @@ class EmbeddedCluster:
             raise ConfigError(f"invalid kvcluster config: reuse.check_layer: {e}") from None
         budget = cfg.tiers.gpu_bytes if runner.device.type == "cuda" else cfg.tiers.host_bytes
         self.store = InMemorySegmentStore(max_bytes=budget, on_evict=self._on_evict)
-        self.engine = ReuseEngine(runner, self.store, self.settings, max_context=cfg.model.max_context)
-        self.max_context: int = self.engine.max_context
-        self.index = self._open_index(embedder)
         self._lock = threading.Lock()  # the engine, the store, and lookup + write-back with them
         self._tok_lock = threading.Lock()
         self._closed = False
+        self.engine = ReuseEngine(runner, self.store, self.settings, max_context=cfg.model.max_context)
+        self.max_context: int = self.engine.max_context
+        self.index = self._open_index(embedder)
+        self._warm_up()
         self.stats = {"requests": 0, "prompt_tokens": 0, "reused_tokens": 0, "cached_tokens": 0,
                       "recomputed_tokens": 0, "fallbacks": 0, "prefix": 0, "semantic": 0, "miss": 0}
         log.info("embedded kvcluster ready in %.1f s: model %s (%s), reuse %s, index %s",
                  time.perf_counter() - t0, runner.name, self.fingerprint, self.settings.mode,
                  cfg.index.qdrant_url or cfg.index.qdrant_path or "default path")
+
+    def _warm_up(self) -> None:
+        """One tiny prefill + decode step, so that the first request's TTFT is not the framework's
+        first-call cost (seconds on a CPU)."""
+        try:
+            self.engine.generate(self.tokenize("Hi")[:8], None, max_tokens=2, keep_segment=False)
+        except Exception as e:  # noqa: BLE001 - a failed warm-up only costs the first request time
+            log.warning("engine warm-up failed (%s: %s)", type(e).__name__, e)
 
     # ---- index ----------------------------------------------------------------------------------
     def _open_index(self, embedder):
@@ -82,6 +91,8 @@ class EmbeddedCluster:
             from index_service.embedder import Embedder
             from index_service.service import IndexService
             embedder = _RecentEmbeddings(embedder if embedder is not None else Embedder())
+            if cfg.reuse.mode != "prefix":
+                embedder.warmup()  # load MiniLM now, not inside the first request's TTFT
             ix = IndexService(qdrant_url=cfg.index.qdrant_url, qdrant_path=cfg.index.qdrant_path,
                               collection=cfg.index.collection, top_k=cfg.index.top_k,
                               min_score=cfg.index.min_score, block_tokens=cfg.index.block_tokens,

@@ -123,8 +123,8 @@ def test_malformed_config_from_yaml_and_env(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("address,module", [("ray://head:10001", "ray_client"), ("auto", "ray_client"),
-                                            ("http://127.0.0.1:8000", "http_client"),
-                                            ("https://kv.example", "http_client")])
+                                            ("http://127.0.0.1:8000", "ray_client"),
+                                            ("https://kv.example", "ray_client")])
 def test_remote_addresses_say_what_is_missing(address, module, monkeypatch):
     import importlib
     real = importlib.import_module
