@@ -123,6 +123,12 @@ def _delegate(module: str, funcs: tuple[str, ...], argv: list[str], what: str) -
     return int(rc or 0)
 
 
+def _layers_search(argv: list[str]) -> int:
+    from kvcluster.workloads import calibration_paragraphs
+    from workers.kvsharer import layers_search_main
+    return int(layers_search_main(argv, default_texts=calibration_paragraphs) or 0)
+
+
 def _quiet_cpu_threads() -> None:
     """Idle OpenMP threads sleep instead of spinning (before torch loads): on a small shared CPU,
     spinning threads of one process steal the cores the others wait for (seen here: an 8-token
@@ -146,8 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cmd == "serve":
             return _run(lambda: _delegate("kvcluster.serve_app", ("serve_main", "main"), rest, "kvcluster serve"))
         if rest[:1] == ["search"]:
-            return _run(lambda: _delegate("workers.kvsharer", ("layers_search_main",), rest[1:],
-                                          "kvcluster layers search"))
+            return _run(lambda: _layers_search(rest[1:]))
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Callable, Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -417,7 +417,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _calibration_texts(args) -> tuple[list[str], str]:
+def _calibration_texts(args, default_texts: Callable[[int], list[str]] | None) -> tuple[list[str], str]:
     if args.calibration:
         try:
             lines = Path(args.calibration).read_text(encoding="utf-8").splitlines()
@@ -429,21 +429,25 @@ def _calibration_texts(args) -> tuple[list[str], str]:
         if not texts:
             raise SearchParameterError(f"calibration file {args.calibration!r} has no text lines")
         return texts, f"file:{Path(args.calibration).name}"
-    from kvcluster.workloads import calibration_paragraphs
+    if default_texts is None:
+        raise SearchParameterError("no calibration text: pass --calibration FILE (one text per line)")
     n = DEFAULT_SAMPLES if args.samples is None else args.samples
-    return calibration_paragraphs(n), f"wikipedia:calibration_paragraphs({n})"
+    return default_texts(n), f"wikipedia:calibration_paragraphs({n})"
 
 
-def layers_search_main(argv: Sequence[str] | None = None) -> int:
+def layers_search_main(argv: Sequence[str] | None = None,
+                       default_texts: Callable[[int], list[str]] | None = None) -> int:
     """``kvcluster layers search --model M --ratio R --threshold T [--calibration FILE]
-    [--order dissimilar|similar|random] [--out strategy.json]``; returns the exit code."""
+    [--order dissimilar|similar|random] [--out strategy.json]``; returns the exit code.
+    ``default_texts(n)`` gives the calibration texts when no file is named (the CLI passes
+    Wikipedia paragraphs; workers/ does not reach into kvcluster/ for them)."""
     args = _parser().parse_args(argv)
     prog = "kvcluster layers search"
     try:
         check_parameters(args.ratio, args.threshold, args.order)
         if args.samples is not None and args.samples < 1:
             raise SearchParameterError(f"--samples must be >= 1, got {args.samples}")
-        texts, source = _calibration_texts(args)
+        texts, source = _calibration_texts(args, default_texts)
         from workers.model_loader import load_runner, load_tokenizer
         tokenizer = load_tokenizer(args.model)
         ids = calibration_token_ids(tokenizer, texts, args.tokens)

@@ -84,10 +84,12 @@ def test_remote_address_without_backend(monkeypatch, capsys):
 def test_layers_search_delegates_its_arguments(monkeypatch):
     seen = {}
     fake = types.ModuleType("workers.kvsharer")
-    fake.layers_search_main = lambda argv: seen.setdefault("argv", argv) and 0
+    fake.layers_search_main = lambda argv, default_texts=None: (
+        seen.update(argv=argv, texts=default_texts(2)) or 0)
     monkeypatch.setitem(sys.modules, "workers.kvsharer", fake)
     assert cli.main(["layers", "search", "--model", "m", "--ratio", "0.25", "--threshold", "0.5"]) == 0
     assert seen["argv"] == ["--model", "m", "--ratio", "0.25", "--threshold", "0.5"]
+    assert len(seen["texts"]) == 2  # the CLI supplies the default Wikipedia calibration text
 
 
 def test_serve_delegates_or_says_it_is_missing(monkeypatch, capsys):
