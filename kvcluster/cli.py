@@ -106,7 +106,7 @@ def _cmd_submit(args) -> int:
     return EXIT_OK
 
 
-def _delegate(module: str, funcs: tuple[str, ...], argv: list[str], what: str) -> int:
+def _delegate(module: str, funcs: tuple[str, ...], argv: list[str], what: str, **kwargs) -> int:
     try:
         mod = importlib.import_module(module)
     except ImportError as e:
@@ -119,14 +119,14 @@ def _delegate(module: str, funcs: tuple[str, ...], argv: list[str], what: str) -
     if fn is None:
         print(f"kvcluster: {what} is not available: {module} has no {' or '.join(funcs)}()", file=sys.stderr)
         return EXIT_MISSING
-    rc = fn(argv)
+    rc = fn(argv, **kwargs)
     return int(rc or 0)
 
 
 def _layers_search(argv: list[str]) -> int:
     from kvcluster.workloads import calibration_paragraphs
-    from workers.kvsharer import layers_search_main
-    return int(layers_search_main(argv, default_texts=calibration_paragraphs) or 0)
+    return _delegate("workers.kvsharer", ("layers_search_main",), argv, "kvcluster layers search",
+                     default_texts=calibration_paragraphs)
 
 
 def _quiet_cpu_threads() -> None:
