@@ -54,7 +54,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results/kvsharer_quality.json")
     ap.add_argument("--strategy-out", default="benchmarks/results/kvsharer_smollm2_r25.json",
                     help="write the R = 25%% dissimilar-first strategy here ('' to skip)")
+    ap.add_argument("--plot-only", action="store_true",
+                    help="recompute goals, redraw the plot and table from the runs in --out")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        out = json.loads(Path(args.out).read_text())
+        derive(out)
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+        plot(out, Path(args.out).with_suffix(".png"))
+        print_table(out)
+        return 0
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     ratios = sorted(args.ratios)
@@ -65,11 +74,16 @@ def main(argv=None) -> int:
     cal = calibration_token_ids(tok, calibration_paragraphs(30), 64)
     held = [tok(t)["input_ids"][:args.max_tokens] for t in heldout_paragraphs(args.paragraphs)]
 
+    seen: dict[tuple, dict] = {}
+
     def ppl(kv_source) -> dict:
+        if tuple(kv_source) in seen:  # a search that stopped short gives one map for several R
+            return dict(seen[tuple(kv_source)], eval_s=0.0)
         t = time.perf_counter()
         r = shared_copy(runner, kv_source)
         p = perplexity(r, held)
         p["eval_s"] = round(time.perf_counter() - t, 2)
+        seen[tuple(kv_source)] = p
         return p
 
     base = ppl(list(range(L)))
@@ -117,21 +131,6 @@ def main(argv=None) -> int:
         runs = [r for r in old["runs"] if key(r) not in mine] + runs
         prev_cmds = old.get("commands", [old.get("command")])
 
-    def pick(order, R, T=args.threshold):
-        return next((r for r in runs if r["order"] == order and r["ratio"] == R and r["threshold"] == T), None)
-
-    d25, s25 = pick("dissimilar", 0.25), pick("similar", 0.25)
-    goals = {
-        "r25_dissimilar_ppl_within_10pct": d25 is not None and d25["vs_r0"] <= 0.10,
-        "r25_dissimilar_better_than_similar": (d25 is not None and s25 is not None
-                                               and d25["perplexity"] < s25["perplexity"]),
-    }
-    best = {}
-    for order in ORDERS:
-        rows = [r for r in runs if r["order"] == order and r["ratio"] == 0.25]
-        if rows:
-            b = min(rows, key=lambda r: r["perplexity"])
-            best[order] = {"threshold": b["threshold"], "perplexity": b["perplexity"], "vs_r0": b["vs_r0"]}
     cmd = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + list(argv or sys.argv[1:]))
     out = {
         "benchmark": "kvsharer_quality",
@@ -144,14 +143,44 @@ def main(argv=None) -> int:
         "calibration": {"samples": len(cal), "tokens": len(cal[0]),
                         "digest": calibration_digest(cal)},
         "heldout": {"paragraphs": len(held), "max_tokens": args.max_tokens, "scored_tokens": base["tokens"]},
-        "r0": base, "runs": runs, "best_threshold_at_r25": best, "goals": goals,
+        "r0": base, "runs": runs,
         "wall_s": round(time.perf_counter() - t_start, 1), "threshold": args.threshold,
     }
+    derive(out)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     plot(out, Path(args.out).with_suffix(".png"))
     print_table(out)
     return 0
+
+
+def derive(out: dict) -> None:
+    """Goals (at the headline T) and the best T per order at R = 25%, counting only runs that
+    reached their target number of shared layers."""
+    runs, T0 = out["runs"], out.get("threshold", 0.5)
+
+    def pick(order, R, T=T0):
+        return next((r for r in runs if r["order"] == order and r["ratio"] == R and r["threshold"] == T), None)
+
+    d25, s25 = pick("dissimilar", 0.25), pick("similar", 0.25)
+    out["goals"] = {
+        "threshold": T0,
+        "r25_dissimilar_ppl_within_10pct": d25 is not None and d25["vs_r0"] <= 0.10,
+        "r25_dissimilar_better_than_similar": (d25 is not None and s25 is not None
+                                               and d25["perplexity"] < s25["perplexity"]),
+    }
+    best = {}
+    for order in ORDERS:
+        rows = [r for r in runs if r["order"] == order and r["ratio"] == 0.25 and r["shared"] == r["target_shared"]]
+        if rows:
+            b = min(rows, key=lambda r: r["perplexity"])
+            best[order] = {"threshold": b["threshold"], "perplexity": b["perplexity"], "vs_r0": b["vs_r0"]}
+    short = sorted({(r["order"], r["threshold"]) for r in runs if r["shared"] < r["target_shared"]})
+    out["best_threshold_at_r25"] = best  # among runs that shared all 8 layers
+    out["fell_short"] = [{"order": o, "threshold": t,
+                          "shared": max(r["shared"] for r in runs if (r["order"], r["threshold"]) == (o, t)),
+                          "trials": max(r.get("search_trials_total") or 0 for r in runs
+                                        if (r["order"], r["threshold"]) == (o, t))} for o, t in short]
 
 
 def print_table(out: dict) -> None:
@@ -168,8 +197,11 @@ def print_table(out: dict) -> None:
             if rows:
                 print(f"{order:12s}" + "".join(
                     f"{rows[R]['perplexity']:10.3f} ({rows[R]['vs_r0']:+6.1%}) {rows[R]['search_s']:3.0f}s"
+                    + ("" if rows[R]["shared"] == rows[R]["target_shared"] else f" [{rows[R]['shared']} layers]")
                     if R in rows else f"{'-':>22s}" for R in ratios))
     print("goals:", out["goals"])
+    for f in out.get("fell_short", []):
+        print(f"{f['order']} at T = {f['threshold']}: only {f['shared']} layers stayed above T in {f['trials']} trials")
 
 
 def plot(out: dict, path: Path) -> None:
@@ -189,10 +221,15 @@ def plot(out: dict, path: Path) -> None:
             rows = sorted((r for r in out["runs"] if r["order"] == order and r["threshold"] == T),
                           key=lambda r: r["ratio"])
             if rows:
-                ax.plot([0] + [r["ratio"] * 100 for r in rows], [base] + [r["perplexity"] for r in rows],
-                        styles[ti % 4], marker="o", color=colors[order], label=f"{order}-first, T={T}")
+                name = "random order" if order == "random" else f"{order}-first"
+                pts = sorted({(0, base)} | {(r["shared"], r["perplexity"]) for r in rows})
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], styles[ti % 4], marker="o",
+                        color=colors[order], label=f"{name}, T={T}")
     ax.axhline(base * 1.1, color="k", lw=0.8, ls=":", label="R=0 + 10%")
-    ax.set_xlabel("shared layers R (%)")
+    L = out["num_layers"]
+    ticks = sorted({0} | {r["target_shared"] for r in out["runs"]})
+    ax.set_xticks(ticks, [f"{t}\n({t / L:.0%})" for t in ticks])
+    ax.set_xlabel(f"layers sharing another layer's KV (of {L}); a search that fell short stops early")
     ax.set_ylabel("perplexity (held-out Wikipedia)")
     ax.set_yscale("log")
     ax.set_title(f"KVSharer on {out['model']} ({out['num_layers']} layers)")
