@@ -30,10 +30,14 @@ def select_cacheblend_tokens(deviation: torch.Tensor, ratio: float) -> torch.Ten
 
 def epic_positions(plan: ReusePlan, first_k: int) -> list[int]:
     """The first ``first_k`` positions of every reused run (EPIC: cancels attention sinks at
-    chunk starts). A run is a span; adjacent spans that continue the same donor run are one."""
+    chunk starts). A run is a span; adjacent spans that continue the same donor run are one.
+    Spans inside the exact prefix are skipped: their KV is what full compute would give."""
     out: list[int] = []
     prev = None
     for s in plan.spans:
+        if s.new_end <= plan.prefix_len:  # the exact prefix is exact KV: nothing to cancel
+            prev = s
+            continue
         continues = (prev is not None and prev.donor_id == s.donor_id and prev.new_end == s.new_start
                      and prev.donor_start + prev.length == s.donor_start)
         if not continues:

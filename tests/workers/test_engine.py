@@ -169,3 +169,15 @@ def test_smollm2_reordered_documents_reuse(smollm2):
     # a 135M model's continuation may drift after reordering (the quality benchmark measures
     # how much); the first token must agree
     assert res.token_ids[0] == ref.token_ids[0]
+
+
+def test_epic_leaves_the_exact_prefix_alone(tiny_runner):
+    eng = _engine(tiny_runner)
+    donor = _ids(90, seed=9)
+    _store_donor(eng, donor)
+    new = donor[:40] + donor[60:] + donor[40:60]  # exact prefix, then two moved runs
+    plan = align(new, [("d", donor)])
+    assert plan.prefix_len >= 40
+    res, _ = eng.generate(new, plan, 1, settings=ReuseSettings(mode="epic", epic_tokens=8))
+    moved_runs = len([s for s in plan.spans if s.new_end > plan.prefix_len])
+    assert res.recomputed_tokens <= 8 * moved_runs
