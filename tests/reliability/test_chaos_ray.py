@@ -23,7 +23,8 @@ def test_worker_kills_lose_and_duplicate_nothing(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     args = Namespace(requests=120, workers=3, concurrency=6, max_tokens=6, kill_p=0.05, external_kills=2,
-                     max_minutes=10, seed=1, client_retry_s=60.0, out=str(tmp_path / "chaos.json"))
+                     max_minutes=10, seed=1, client_retry_s=60.0, redis_outage=False,
+                     out=str(tmp_path / "chaos.json"))
     res = asyncio.run(mod.run(args))
     assert res["lost"] == 0 and res["duplicated"] == 0, res
     assert res["kills_total"] >= 3 and res["requests_retried"] >= 1
