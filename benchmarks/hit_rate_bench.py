@@ -9,7 +9,7 @@ with ROUGE-L vs full compute reported beside it.
     python benchmarks/hit_rate_bench.py [--families 12] [--followups 1] [--max-tokens 24]
 
 Writes benchmarks/results/hit_rate.json (machine, command, date, per-request records) and
-hit_rate.png. Token hit rate = prompt tokens whose KV came from the cache / prompt tokens
+hit_rate.png (``--stem`` renames them, e.g. for another ``--config``). Token hit rate = prompt tokens whose KV came from the cache / prompt tokens
 (DHD then recomputes ``recompute_ratio`` of the reused ones; both counts are in the JSON).
 """
 from __future__ import annotations
@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     add_arguments(ap)
     ap.set_defaults(families=12, out=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--config", default=None, help="kvcluster YAML config (reuse mode, ratio, ...)")
+    ap.add_argument("--stem", default="hit_rate", help="output file names: STEM.json, STEM.png")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
     ratio = "inf" if g["ratio_all_requests"] is None else f"{g['ratio_all_requests']:.2f}x"
     print(f"goal (>= {GOAL}x prefix caching's hit rate): {ratio} -> {'MET' if g['met'] else 'NOT MET'}; "
           f"ROUGE-L vs full: semantic {f['rouge_l_semantic']:.3f}, prefix {f['rouge_l_prefix']:.3f}")
-    paths = save_report(report, Path(args.out), "hit_rate")
+    paths = save_report(report, Path(args.out), args.stem)
     print("saved", ", ".join(str(p) for p in paths))
     return 0
 
