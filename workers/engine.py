@@ -327,13 +327,14 @@ class ReuseEngine:
             seq.cache.grow(t + 64)
         seq.cache.length = t + 1
         seq.token_ids.append(token)
+        k = seq.settings.decode_recompute
+        recompute = k > 0 and seq.stale is not None and bool(seq.stale.any())
+        if not recompute and self._graphable(seq):  # the graph embeds and positions by itself
+            return self._graph_token(seq, token, t)
         pos = torch.tensor([t], device=r.device)
         h = r.embed(torch.tensor([token], device=r.device))
-        k = seq.settings.decode_recompute
-        if k > 0 and seq.stale is not None and bool(seq.stale.any()):
+        if recompute:
             return self._decode_with_recompute(seq, h, pos, k)
-        if self._graphable(seq):
-            return self._graph_token(seq, token, t)
         p = r.positions(pos, "tail", t + 1)
         for l in range(r.spec.num_layers):
             h = r.layer(l, h, p, seq.cache)
