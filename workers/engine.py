@@ -283,7 +283,7 @@ class ReuseEngine:
         for l in range(c):
             h = r.layer(l, h, p_all, seq.cache, k_pre_out=seq.k_pre)
         h, q = r.layer(c, h, p_all, seq.cache, k_pre_out=seq.k_pre, want_q=True)
-        dev = v_deviation(seq.cache.v[slot_c][:, cand], v_reused)
+        dev = r.all_reduce(v_deviation(seq.cache.v[slot_c][:, cand], v_reused))  # all KV heads under TP
         if st.mode == "dhd":
             must_pos = must.nonzero().squeeze(1)
             attn = r.attention_received(q[:, must_pos - prefix], seq.cache.k[slot_c, :, :n], must_pos, n)

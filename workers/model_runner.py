@@ -75,6 +75,9 @@ class LlamaRunner:
         # masked passes on CUDA use FlexAttention (skips fully masked blocks, native GQA)
         self.use_flex = self.device.type == "cuda" and flex_attention is not None
         self.flex_failures = 0
+        # tensor parallel (workers/tensor_parallel.py): sums a shard's partial results over the
+        # ranks (o-proj, down-proj, per-head score sums); None on an unsharded runner
+        self.reduce = None
         self._set_slots()
         self.fingerprint = self._fingerprint()
 
@@ -119,6 +122,9 @@ class LlamaRunner:
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(token_ids, self.embed_w)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.reduce is None else self.reduce(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(self._norm(h, self.final_norm), self.lm_head)
@@ -216,7 +222,7 @@ class LlamaRunner:
             allowed = (key_pos[None, :] <= q_positions[i:i + chunk, None]).repeat(g, 1)
             probs = torch.softmax(scores.masked_fill(~allowed[None], float("-inf")), dim=-1)
             total += probs.sum(dim=(0, 1))
-        return total
+        return self.all_reduce(total)
 
     def mlp(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         lw = self.layers[layer]
@@ -237,8 +243,8 @@ class LlamaRunner:
             cache.write(slot, p.pos, k, v, p.layout)
         n = cache.length
         attn = self.attend(q, cache.k[slot, :, :n], cache.v[slot, :, :n], p)
-        h = h + F.linear(attn, self.layers[layer].w_o)
-        h = h + self.mlp(layer, h)
+        h = h + self.all_reduce(F.linear(attn, self.layers[layer].w_o))
+        h = h + self.all_reduce(self.mlp(layer, h))
         return (h, q) if want_q else h
 
     @torch.inference_mode()
