@@ -44,6 +44,44 @@ def matmul_peak(dtype=torch.bfloat16, n: int = 8192, reps: int = 10) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - t)
 
 
+def hbm_bandwidth(nbytes: int = 1 << 30, reps: int = 10) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second)."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    b.copy_(a)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    return 2 * nbytes * reps / (time.perf_counter() - t)
+
+
+def pass_bound_s(spec: ModelSpec, layers: int, m: int, n_keys: int, peak: float, bw: float) -> float:
+    """Roofline time of ``layers`` layers over m tokens attending n_keys keys: the larger of FLOPs
+    over the matmul peak and bytes (weights + KV read) over the bandwidth."""
+    s = spec
+    params = s.hidden_size * (s.q_size + 2 * s.kv_size) + s.q_size * s.hidden_size + 3 * s.hidden_size * s.intermediate_size
+    flops = layers * (2 * params * m + 4 * s.num_heads * s.head_dim * m * n_keys / (2 if m == n_keys else 1))
+    nbytes = layers * (2 * params + 2 * 2 * s.kv_size * n_keys)
+    return max(flops / peak, nbytes / bw)
+
+
+def mode_bound_s(spec: ModelSpec, n: int, prefix: int, upper_tokens: int, c: int | None, placed: int,
+                 peak: float, bw: float) -> float:
+    """Physical limit of one prefill with reuse: donor KV placement (read + write every placed
+    row), layers 0..c over the tokens after the exact prefix (checked modes), the remaining layers
+    (all layers when c is None) over the computed tokens, and the logits of the last token."""
+    s, L = spec, spec.num_layers
+    t = placed * 2 * 2 * 2 * s.kv_size * L / bw
+    if c is None:
+        t += pass_bound_s(spec, L, upper_tokens, n, peak, bw)
+    else:
+        t += pass_bound_s(spec, c + 1, n - prefix, n, peak, bw)
+        t += pass_bound_s(spec, L - c - 1, upper_tokens, n, peak, bw)
+    return t + max(2 * s.hidden_size * s.vocab_size / peak, 2 * s.hidden_size * s.vocab_size / bw)
+
+
 def prefill_flops(spec: ModelSpec, n: int) -> float:
     s = spec
     per_layer = s.hidden_size * (s.q_size + 2 * s.kv_size) + s.q_size * s.hidden_size + 3 * s.hidden_size * s.intermediate_size
@@ -114,11 +152,13 @@ def main() -> None:
         cfg["num_layers"] = args.layers
     spec = ModelSpec(**cfg)
     peak = matmul_peak()
+    bw = hbm_bandwidth()
     runner = random_runner(spec, "cuda", torch.bfloat16)
     store = InMemorySegmentStore(max_bytes=64 << 30)
     lengths = [int(x) for x in args.lengths.split(",")]
     # one static KV pool + a CUDA graph for one-token passes; the eager engine is the comparison
     engine = ReuseEngine(runner, store, static_tokens=max(lengths) + 64)
+    engine.pool_reuse = False  # on only for prefix_hit_pooled
     eager = ReuseEngine(runner, store)
     rows = []
     gen = torch.Generator().manual_seed(0)
@@ -132,7 +172,10 @@ def main() -> None:
         mfu = prefill_flops(spec, n) / t_full / peak
         row = {"tokens": n, "full_ms": t_full * 1e3, "full_mfu": mfu, "modes": []}
         prefix_plan = ReusePlan(n, [ReuseSpan(0, f"donor{n}", 0, n)], prefix_len=n)
-        cases = [("prefix_hit", 1.0, ReuseSettings(mode="prefix"), prefix_plan)]
+        # prefix_hit: the donor's KV in the GPU tier, copied (and rotated) into the working pool;
+        # prefix_hit_pooled: the same prompt's exact KV still in the pool (vLLM-style, no copy)
+        cases = [("prefix_hit", 1.0, ReuseSettings(mode="prefix"), prefix_plan),
+                 ("prefix_hit_pooled", 1.0, ReuseSettings(mode="prefix"), prefix_plan)]
         t_eager = timed(lambda: eager.prefill(ids, prefix_plan, ReuseSettings(mode="prefix"), keep_segment=False), args.reps)
         row["prefix_hit_eager_ms"] = t_eager * 1e3
         row["tpot_graph_ms"], row["tpot_eager_ms"] = (decode_ms(e, ids, prefix_plan) for e in (engine, eager))
@@ -148,6 +191,7 @@ def main() -> None:
         for name, reuse, st, plan in cases:
             plan_, ids_ = (plan, ids) if isinstance(plan, ReusePlan) else plan
             holder = {}
+            engine.pool_reuse = name == "prefix_hit_pooled"
 
             def run():
                 holder["seq"] = engine.prefill(ids_, plan_, st, keep_segment=False)[0]
@@ -155,9 +199,16 @@ def main() -> None:
             stats = holder["seq"].stats
             limit = 1.0 / stats.flops_fraction
             speedup = t_full / t
+            upper = stats.computed_tokens + stats.recomputed_tokens
+            checked = st.mode in ("dhd", "cacheblend")
+            c = (1 if st.mode == "cacheblend" else st.check_layer) if checked else None
+            placed = 0 if name == "prefix_hit_pooled" else stats.reused_tokens
+            bound = mode_bound_s(spec, n, plan_.prefix_len if checked else 0, upper, c, placed, peak, bw)
             row["modes"].append({"mode": name, "ms": t * 1e3, "speedup": speedup, "flop_limit": limit,
-                                 "of_limit": speedup / limit, "reused": stats.reused_tokens,
+                                 "of_limit": speedup / limit, "roofline_ms": bound * 1e3,
+                                 "of_roofline": bound / t, "reused": stats.reused_tokens,
                                  "recomputed": stats.recomputed_tokens, "computed": stats.computed_tokens})
+            engine.pool_reuse = False
             del holder
         rows.append(row)
         store.evict(f"donor{n}")
@@ -167,13 +218,15 @@ def main() -> None:
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "device": torch.cuda.get_device_name(), "host": platform.node(), "torch": torch.__version__,
         "model": {**cfg, "dtype": "bfloat16", "weights": "random"}, "bf16_matmul_peak_tflops": peak / 1e12,
+        "hbm_copy_bandwidth_tbps": bw / 1e12,
         "rows": rows,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"\n{result['device']}  bf16 peak {peak / 1e12:.0f} TFLOP/s (measured)")
-    print(f"{'tokens':>6} {'mode':<18} {'ms':>8} {'speedup':>8} {'limit':>7} {'of_lim':>7}")
+    print(f"HBM copy bandwidth {bw / 1e12:.2f} TB/s (measured)")
+    print(f"{'tokens':>6} {'mode':<18} {'ms':>8} {'speedup':>8} {'limit':>7} {'of_lim':>7} {'roof_ms':>8} {'of_roof':>7}")
     for row in rows:
         print(f"{row['tokens']:>6} {'full (MFU %.2f)' % row['full_mfu']:<18} {row['full_ms']:>8.1f}")
         print(f"{row['tokens']:>6} {'prefix_hit eager':<18} {row['prefix_hit_eager_ms']:>8.1f} "
@@ -181,7 +234,7 @@ def main() -> None:
               f"eager {row['tpot_eager_ms']:.2f} ms")
         for m in row["modes"]:
             print(f"{row['tokens']:>6} {m['mode']:<18} {m['ms']:>8.1f} {m['speedup']:>8.2f} "
-                  f"{m['flop_limit']:>7.2f} {m['of_limit']:>7.2f}")
+                  f"{m['flop_limit']:>7.2f} {m['of_limit']:>7.2f} {m['roofline_ms']:>8.1f} {m['of_roofline']:>7.2f}")
 
 
 if __name__ == "__main__":

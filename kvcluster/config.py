@@ -81,6 +81,11 @@ class ClusterConfig(_Section):
     scheduler: Literal["cache_aware", "round_robin"] = "cache_aware"
     max_wait_s: float = Field(default=5.0, gt=0)
     load_bound: float = Field(default=1.25, ge=1.0)
+    # continuous batching in each worker: concurrent requests decode together over paged KV blocks
+    batching: bool = True
+    max_batch: int = Field(default=16, ge=1)
+    kv_pool_bytes: int = Field(default=512 << 20, ge=1)  # the paged KV pool per worker
+    kv_block_size: int = Field(default=16, ge=1)  # tokens per paged KV block
 
 
 class KVClusterConfig(_Section):

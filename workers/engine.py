@@ -24,11 +24,11 @@ from workers.errors import (DonorMissingError, DonorShapeError, EmptyPromptError
                             FingerprintMismatchError, InvalidParameterError, PromptTooLongError,
                             TokenOutOfVocabError)
 from workers.kv_cache import KVCache
+from workers.kv_place import place_kv
 from workers.model_runner import LlamaRunner
 from workers.segments import SegmentKV, SegmentStore
 
 MODES = ("full", "prefix", "naive", "epic", "cacheblend", "dhd")
-SLICE_SPANS = 16  # up to this many runs per donor, place KV by slices rather than gather/scatter
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,7 @@ class Sequence:
     deviation: torch.Tensor | None = None  # per-position V deviation at layer c (0 if fresh)
     stale: torch.Tensor | None = None  # bool per prompt position: reused and not recomputed
     decode_recomputed: int = 0
+    exact_len: int = 0  # leading positions whose KV is what full compute gives (pool reuse)
 
 
 @dataclass
@@ -109,6 +110,7 @@ class ReuseEngine:
         self._pool: KVCache | None = None
         self._pool_owner: Sequence | None = None
         self._graph = None
+        self.pool_reuse = True  # a pooled prompt's exact prefix left in the pool is reused in place
         if static_tokens and runner.device.type == "cuda":
             from workers.cuda_graph import GraphedStep
             # + the graph's reserved slot, rounded so attention rows stay aligned
@@ -117,20 +119,29 @@ class ReuseEngine:
 
     # ---- validation -------------------------------------------------------------------------
     def check_prompt(self, token_ids, max_tokens: int = 0) -> list[int]:
+        return self.prompt_array(token_ids, max_tokens).tolist()
+
+    def prompt_array(self, token_ids, max_tokens: int = 0) -> np.ndarray:
+        """The prompt as int64 ids, validated (vectorized: an 8k-token list costs ~0.3 ms)."""
         if isinstance(token_ids, (str, bytes)) or not hasattr(token_ids, "__len__"):
             raise InvalidParameterError(f"token_ids must be a sequence of ints, got {type(token_ids).__name__}")
-        ids = [int(t) for t in token_ids]
-        if not ids:
+        if isinstance(token_ids, torch.Tensor):
+            token_ids = token_ids.detach().cpu().numpy()
+        arr = np.asarray(token_ids) if isinstance(token_ids, (list, tuple, np.ndarray)) else None
+        if arr is None or arr.ndim != 1 or arr.dtype.kind not in "iu":
+            arr = np.asarray([int(t) for t in token_ids], dtype=np.int64)  # mixed types: one by one
+        arr = arr.astype(np.int64, copy=False)
+        if arr.size == 0:
             raise EmptyPromptError("the prompt has no tokens")
-        bad = [t for t in ids if not 0 <= t < self.runner.spec.vocab_size]
-        if bad:
-            raise TokenOutOfVocabError(f"token id {bad[0]} outside the vocabulary [0, {self.runner.spec.vocab_size})")
+        bad = (arr < 0) | (arr >= self.runner.spec.vocab_size)
+        if bad.any():
+            raise TokenOutOfVocabError(f"token id {arr[bad][0]} outside the vocabulary [0, {self.runner.spec.vocab_size})")
         if max_tokens < 0:
             raise InvalidParameterError(f"max_tokens must be >= 0, got {max_tokens}")
-        if len(ids) + max_tokens > self.max_context:
-            raise PromptTooLongError(f"{len(ids)} prompt tokens + {max_tokens} new tokens exceed the "
+        if arr.size + max_tokens > self.max_context:
+            raise PromptTooLongError(f"{arr.size} prompt tokens + {max_tokens} new tokens exceed the "
                                      f"model's context of {self.max_context}")
-        return ids
+        return arr
 
     def _donor(self, donor_id: str) -> SegmentKV:
         seg = self.store.get(donor_id) if self.store is not None else None
@@ -151,38 +162,40 @@ class ReuseEngine:
         return seg
 
     # ---- placing donor KV -------------------------------------------------------------------
-    def _place(self, seq: Sequence, plan: ReusePlan, ids: list[int]) -> torch.Tensor:
-        """Copy donor KV into the cache at the new positions (keys rotated); returns them."""
+    def _place(self, seq: Sequence, plan: ReusePlan, ids: np.ndarray, resident: int = 0) -> np.ndarray:
+        """Copy donor KV into the cache at the new positions (keys rotated); returns the reused
+        positions. The first ``resident`` positions already hold this prompt's exact KV."""
         donor_idx, donor_pos, donor_ids = plan.donor_arrays()
-        dev = self.runner.device
-        placed = []
+        r = self.runner
+        placed = [np.arange(resident)]
+        donor_idx[:resident] = -1
         for slot, did in enumerate(donor_ids):
             seg = self._donor(did)
             new_pos = np.nonzero(donor_idx == slot)[0]
+            if new_pos.size == 0:
+                continue
             src = donor_pos[new_pos]
             if src.max() >= seg.n_tokens:
                 raise DonorShapeError(f"plan reads position {src.max()} of donor {did!r} with {seg.n_tokens} tokens")
-            if not np.array_equal(np.asarray(seg.token_ids)[src], np.asarray(ids)[new_pos]):
+            if not np.array_equal(np.asarray(seg.token_ids)[src], ids[new_pos]):
                 raise DonorShapeError(f"plan maps tokens of donor {did!r} onto different tokens")
-            spans = [s for s in plan.spans if s.donor_id == did]
-            if len(spans) <= SLICE_SPANS:  # few long runs: slice copies, no gather/scatter
-                for s in spans:
-                    self._copy(seq, seg, slice(s.donor_start, s.donor_start + s.length),
-                               slice(s.new_start, s.new_end), torch.arange(s.new_start, s.new_end, device=dev))
-            else:
-                new_t = torch.as_tensor(new_pos, device=dev)
-                self._copy(seq, seg, torch.as_tensor(src, device=seg.keys.device), new_t, new_t)
-            placed.append(torch.as_tensor(new_pos, device=dev))
-        return torch.cat(placed).sort().values if placed else torch.empty(0, dtype=torch.long, device=dev)
+            dst_t = torch.from_numpy(new_pos).to(r.device, non_blocking=True)
+            src_t = torch.from_numpy(src).to(seg.keys.device, non_blocking=True)
+            cos, sin = r.rope.cos_sin(dst_t, r.dtype)
+            place_kv(seq.cache.k, seq.cache.v, seg.keys, seg.values, src_t, dst_t, cos, sin, seq.k_pre)
+            placed.append(new_pos)
+        return np.sort(np.concatenate(placed))
 
-    def _copy(self, seq: Sequence, seg: SegmentKV, src, dst, dst_pos: torch.Tensor) -> None:
-        """Donor rows ``src`` (slice or index) into cache rows ``dst``, keys rotated to ``dst_pos``."""
-        dev = self.runner.device
-        k_pre = seg.keys[:, :, src].to(dev, non_blocking=True)
-        seq.cache.k[:, :, dst] = self.runner.rotate(k_pre, dst_pos)
-        seq.cache.v[:, :, dst] = seg.values[:, :, src].to(dev, non_blocking=True)
-        if seq.k_pre is not None:
-            seq.k_pre[:, :, dst] = k_pre
+    def _resident(self, arr: np.ndarray, plan: ReusePlan, cache: KVCache, keep_segment: bool) -> int:
+        """How many of the plan's exact-prefix tokens the KV pool already holds, exactly, from the
+        previous pooled sequence (a chat's next turn): those need no copy. Not when the prompt's
+        segment is kept, since its pre-RoPE keys would then be copied anyway."""
+        old = self._pool_owner
+        if not self.pool_reuse or cache is not self._pool or old is None or keep_segment or old.exact_len == 0:
+            return 0
+        k = min(old.exact_len, plan.prefix_len, len(arr))
+        same = np.asarray(old.token_ids[:k]) == arr[:k]
+        return k if same.all() else int(np.argmin(same))
 
     # ---- prefill ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -191,8 +204,9 @@ class ReuseEngine:
         """Returns the sequence state and the logits of the last prompt token."""
         st = settings or self.settings
         st.validate(self.runner.spec.num_layers)
-        ids = self.check_prompt(token_ids, max_tokens)
         t0 = time.perf_counter()
+        arr = self.prompt_array(token_ids, max_tokens)
+        ids = arr.tolist()
         r, n = self.runner, len(ids)
         if self._pool is not None and n + max_tokens < self._pool.capacity:
             cache = self._pool  # the previous pooled sequence is finished by now
@@ -200,21 +214,23 @@ class ReuseEngine:
             cache = r.new_cache(n + max_tokens)
         cache.length = n
         seq = Sequence(ids, n, cache, st, PrefillStats(prompt_tokens=n))
+        plan = self._effective_plan(plan, st, n)
+        resident = self._resident(arr, plan, cache, keep_segment) if plan is not None else 0
         if cache is self._pool:
             self._pool_owner = seq
         if keep_segment:
             seq.k_pre = torch.zeros_like(cache.k[:, :, :n])
-        plan = self._effective_plan(plan, st, n)
-        tok = torch.tensor(ids, device=r.device)
+        tok = torch.from_numpy(arr).to(r.device, non_blocking=True)
         if plan is None or plan.reused_tokens == 0:
             logits = self._full(seq, tok)
         else:
-            reused = self._place(seq, plan, ids)
+            reused = self._place(seq, plan, arr, resident)
             if st.mode in ("cacheblend", "dhd"):
                 logits = self._checked(seq, tok, reused, st, plan.prefix_len)
             else:
                 extra = epic_positions(plan, st.epic_tokens) if st.mode == "epic" else []
                 logits = self._subset(seq, tok, reused, extra)
+        seq.exact_len = n if plan is None or st.mode == "prefix" else plan.prefix_len
         if r.device.type == "cuda":
             torch.cuda.synchronize(r.device)
         seq.stats.ttft_s = time.perf_counter() - t0
@@ -242,22 +258,23 @@ class ReuseEngine:
         seq.stats.computed_tokens = n
         return r.logits(h[-1:])[0]
 
-    def _subset(self, seq: Sequence, tok: torch.Tensor, reused: torch.Tensor, extra: list[int]) -> torch.Tensor:
+    def _subset(self, seq: Sequence, tok: torch.Tensor, reused: np.ndarray, extra: list[int]) -> torch.Tensor:
         """naive / epic / prefix: only non-reused tokens (plus ``extra``) run, from layer 0."""
         r, n = self.runner, len(tok)
-        compute = torch.ones(n, dtype=torch.bool, device=r.device)
+        compute = np.ones(n, dtype=bool)  # on the host: no GPU sync to learn the positions
         compute[reused] = False
         n_new = int(compute.sum())
         if extra:
-            compute[torch.as_tensor(extra, device=r.device)] = True
-        pos = compute.nonzero().squeeze(1)
+            compute[np.asarray(extra)] = True
+        pos_np = np.nonzero(compute)[0]
+        pos = torch.from_numpy(pos_np).to(r.device, non_blocking=True)
         s = seq.stats
         s.reused_tokens, s.computed_tokens = len(reused), n_new
         s.recomputed_tokens = len(pos) - n_new
         s.flops_fraction = len(pos) / n
         if len(pos) == 1 and self._graphable(seq):
             return self._graph_token(seq, tok[n - 1], n - 1)
-        layout = "tail" if int(pos[0]) == n - len(pos) else "mask"
+        layout = "tail" if int(pos_np[0]) == n - len(pos_np) else "mask"
         h = r.embed(tok[pos])
         p = r.positions(pos, layout, n)
         for l in range(r.spec.num_layers):
@@ -274,10 +291,11 @@ class ReuseEngine:
         c = 1 if st.mode == "cacheblend" else st.check_layer
         L = r.spec.num_layers
         slot_c = r.kv_slot[c]
-        cand = reused[reused >= prefix]
+        must_np = np.ones(n, dtype=bool)
+        must_np[reused] = False
+        cand = torch.from_numpy(reused[reused >= prefix]).to(r.device, non_blocking=True)
+        must_pos = torch.from_numpy(np.nonzero(must_np)[0]).to(r.device, non_blocking=True)
         v_reused = seq.cache.v[slot_c][:, cand].clone()
-        must = torch.ones(n, dtype=torch.bool, device=r.device)
-        must[reused] = False
         p_all = r.positions(torch.arange(prefix, n, device=r.device), "causal" if prefix == 0 else "tail", n)
         h = r.embed(tok[prefix:])
         for l in range(c):
@@ -285,22 +303,21 @@ class ReuseEngine:
         h, q = r.layer(c, h, p_all, seq.cache, k_pre_out=seq.k_pre, want_q=True)
         dev = r.all_reduce(v_deviation(seq.cache.v[slot_c][:, cand], v_reused))  # all KV heads under TP
         if st.mode == "dhd":
-            must_pos = must.nonzero().squeeze(1)
             attn = r.attention_received(q[:, must_pos - prefix], seq.cache.k[slot_c, :, :n], must_pos, n)
             chosen = select_dhd_tokens(attn[cand], dev, st.recompute_ratio)
         else:
             chosen = select_cacheblend_tokens(dev, st.recompute_ratio)
-        compute = must.clone()
-        compute[cand[chosen]] = True
-        sel = compute.nonzero().squeeze(1)
+        sel = torch.cat([must_pos, cand[chosen]]).sort().values  # sizes known: no GPU sync
         if st.decode_recompute > 0 and st.mode == "dhd":
+            compute = torch.zeros(n, dtype=torch.bool, device=r.device)
+            compute[sel] = True
             self._keep_for_decode(seq, h, prefix, cand, dev, compute)
         hs = h[sel - prefix]
         p_sel = r.positions(sel, "mask", n)
         for l in range(c + 1, L):
             hs = r.layer(l, hs, p_sel, seq.cache, k_pre_out=seq.k_pre)
         s = seq.stats
-        s.reused_tokens, s.computed_tokens = len(reused), int(must.sum())
+        s.reused_tokens, s.computed_tokens = len(reused), int(must_np.sum())
         s.recomputed_tokens = len(chosen)
         s.flops_fraction = ((c + 1) * (n - prefix) + (L - c - 1) * len(sel)) / (L * n)
         return r.logits(hs[-1:])[0]

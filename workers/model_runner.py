@@ -20,9 +20,9 @@ from workers.model_spec import ModelSpec
 from workers.rope import Rope, apply_rope, apply_rope_fused
 
 try:  # block-sparse attention with a causal mask by position, compiled once (CUDA only)
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
 except ImportError:  # pragma: no cover - old torch
-    flex_attention = create_block_mask = None
+    flex_attention = BlockMask = None
 
 try:  # cuDNN's SDPA spends ~1.3 ms of CPU per call building its graph (measured on an H100
     # host): ruinous for one-token passes, so non-causal attention keeps to flash/efficient
@@ -172,6 +172,10 @@ class LlamaRunner:
         if p.layout == "causal":
             o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True,
                                                scale=self.scale, enable_gqa=g > 1)[0]
+        elif q.is_cuda and padded_causal(p.layout, m, k.shape[1]):
+            pad = q.new_zeros(q.shape[0], k.shape[1] - m, q.shape[2])
+            o = F.scaled_dot_product_attention(torch.cat([pad, q], 1)[None], k[None], v[None], is_causal=True,
+                                               scale=self.scale, enable_gqa=g > 1)[0, :, -m:]
         elif p.block_mask is not None and self.use_flex:
             try:
                 o = _flex()(q.contiguous()[None], k.contiguous()[None], v.contiguous()[None], block_mask=p.block_mask,
@@ -267,6 +271,39 @@ class LlamaRunner:
         return self.logits(h)
 
 
+def padded_causal(layout: str, m: int, n: int) -> bool:
+    """A tail pass (queries = the last m of n positions) covering at least half the keys runs as
+    plain causal flash attention with zero queries in front: the wasted rows cost less than a
+    masked kernel (measured 0.94 vs 2.2 ms at 8k on an H100)."""
+    return layout == "tail" and 1 < m < n <= 2 * m
+
+
+def by_position_block_mask(q_pos: torch.Tensor, n_keys: int, block: int = 128):
+    """FlexAttention's BlockMask for "key position <= query position", built from the sorted query
+    positions in a few tensor ops. ``create_block_mask`` evaluates the mask on every (query, key)
+    pair instead: ~4 ms per pass at 8k keys."""
+    m, dev = q_pos.shape[0], q_pos.device
+    qb, kb = -(-m // block), -(-n_keys // block)
+    starts = torch.arange(qb, device=dev) * block
+    first = q_pos[starts]  # sorted: the block's smallest position
+    last = q_pos[torch.clamp(starts + block, max=m) - 1]
+    full = torch.clamp((first + 1) // block, max=n_keys // block)  # kv blocks every query sees whole
+    partial = last // block + 1 - full
+    cols = torch.arange(kb, device=dev)
+    full_idx = cols.expand(qb, kb)
+    part_idx = torch.clamp(full[:, None] + cols[None, :], max=kb - 1)
+
+    def by_position(b, h, q_idx, kv_idx):
+        return kv_idx <= q_pos[q_idx]
+    as4 = lambda t: t[None, None].to(torch.int32).contiguous()  # noqa: E731
+    args = (as4(partial), as4(part_idx), as4(full), as4(full_idx))
+    try:  # forward passes only: skip the transposed (query-block) index, ~2.5 ms of sorting
+        return BlockMask.from_kv_blocks(*args, BLOCK_SIZE=block, mask_mod=by_position,
+                                        seq_lengths=(m, n_keys), compute_q_blocks=False)
+    except TypeError:  # older torch
+        return BlockMask.from_kv_blocks(*args, BLOCK_SIZE=block, mask_mod=by_position, seq_lengths=(m, n_keys))
+
+
 @dataclass
 class Positions:
     """Where a pass's tokens sit, with what every layer of the pass shares: RoPE cos/sin and the
@@ -290,13 +327,8 @@ class Positions:
         n = int(n_keys) if n_keys is not None else int(pos[-1]) + 1
         if layout == "causal" or (m == 1 and layout == "tail"):
             return cls(pos, layout, cos, sin, None)
-        if runner.use_flex and m >= FLEX_MIN_QUERIES and n >= FLEX_MIN_KEYS:
-            q_pos = pos
-
-            def by_position(b, h, q_idx, kv_idx):
-                return kv_idx <= q_pos[q_idx]
-            block = create_block_mask(by_position, None, None, m, n, device=pos.device)
-            return cls(pos, layout, cos, sin, None, block, n_keys=n)
+        if runner.use_flex and m >= FLEX_MIN_QUERIES and n >= FLEX_MIN_KEYS and not padded_causal(layout, m, n):
+            return cls(pos, layout, cos, sin, None, by_position_block_mask(pos, n), n_keys=n)
         return cls(pos, layout, cos, sin, None, n_keys=n)
 
     def dense_mask(self, runner: "LlamaRunner") -> torch.Tensor | None:

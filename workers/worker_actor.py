@@ -3,8 +3,11 @@ reuse plan, exporting KV blocks to peers, and fetching the donors it lacks from 
 
 ``Worker`` is a plain class (tests and single-process use need no Ray); ``WorkerActor`` is the same
 class as a Ray actor. Create the actor as a threaded actor (``max_concurrency`` >= 2, see
-``ACTOR_OPTIONS``) so that a peer's ``export_blocks`` is served while this worker generates;
-generation itself runs one request at a time behind a lock (the engine holds one sequence).
+``ACTOR_OPTIONS``) so that a peer's ``export_blocks`` is served while this worker generates, and
+so that concurrent requests meet in the continuous batcher (``workers/continuous_batcher.py``): a
+background thread prefills each admitted request with reuse and decodes all running requests
+together, one batched forward per token, over paged KV blocks. ``batching=False`` (or a request
+too large for the KV pool) takes the old path: one request at a time behind a lock.
 
 Request path on the worker (DESIGN.md, "The request path", steps 6-10):
 
@@ -21,8 +24,9 @@ Request path on the worker (DESIGN.md, "The request path", steps 6-10):
 4. write the prompt's KV back as a segment (blocks into the tiers, flushed so that peers and
    Redis can serve it before the router indexes it).
 
-Not done here (said plainly): tensor-parallel shards of one replica, and continuous batching over
-paged KV. One replica per worker, one sequence at a time; concurrency comes from more workers.
+Not done here (said plainly): chunked prefill (a long prompt's prefill stalls the running batch
+while it runs), and batched DHD decode-stage recomputation (such a request decodes alone, in the
+batcher's loop, until its stale tokens are used up, then joins the batch).
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ from index_service.plan import ReusePlan, ReuseSpan
 from transport.block import block_key
 from transport.tiers.host import HostTier
 from transport.tiers.tiered import TieredStore
+from workers.continuous_batcher import BatchRequest
 from workers.engine import MODES, ReuseEngine, ReuseSettings, sample
 from workers.errors import DonorKVError, InvalidParameterError
 from workers.segments import SegmentKV
@@ -79,6 +84,10 @@ class WorkerOptions:
     num_threads: int | None = None  # torch intra-op threads (several workers on one CPU host)
     fetch_timeout_s: float = 10.0
     flush_timeout_s: float = 10.0
+    batching: bool = True  # continuous batching of concurrent requests over paged KV blocks
+    max_batch: int = 16  # sequences decoded together
+    kv_pool_bytes: int = 512 << 20  # the paged KV pool (K and V) the batch shares
+    kv_block_size: int = 16  # tokens per paged KV block
 
     @classmethod
     def coerce(cls, options: "WorkerOptions | dict | None") -> "WorkerOptions":
@@ -105,6 +114,10 @@ class WorkerOptions:
                    block_tokens=t.block_tokens, gpu_bytes=t.gpu_bytes, host_bytes=t.host_bytes,
                    redis_url=t.redis_url, redis_prefix=t.redis_prefix, redis_ttl_s=t.redis_ttl_s,
                    max_block_bytes=t.max_block_bytes)
+        c = getattr(cfg, "cluster", None)
+        for k in ("batching", "max_batch", "kv_pool_bytes", "kv_block_size"):
+            if hasattr(c, k):
+                setattr(opts, k, getattr(c, k))
         return replace(opts, **overrides)
 
 
@@ -167,7 +180,8 @@ class Worker:
         self.segments = TieredSegmentStore(self.tiers, self.fingerprint, opts.block_tokens)
         settings = ReuseSettings(**opts.reuse) if opts.reuse else ReuseSettings()
         self.engine = ReuseEngine(runner, _StoreView(self), settings, max_context=opts.max_context)
-        self._lock = threading.Lock()  # one sequence at a time on the engine
+        self._lock = threading.Lock()  # one sequence at a time on the engine (unbatched path)
+        self._count_lock = threading.Lock()
         self._ctx = threading.local()  # per request: donor locations, prefetched segments, transfer stats
         self._cancelled: set[str] = set()
         self._peers: dict[str, Any] = {}
@@ -184,6 +198,12 @@ class Worker:
             self._tcp = TCPServer(source=self._export_source, host=opts.tcp_host, port=0)
             port = self._tcp.start_background()
             self.tcp_address = (opts.advertise_host or opts.tcp_host, port)
+        self._batcher = None
+        if opts.batching:
+            from workers.block_manager import BlockManager
+            from workers.continuous_batcher import ContinuousBatcher
+            blocks = BlockManager.for_bytes(runner, opts.kv_pool_bytes, opts.kv_block_size)
+            self._batcher = ContinuousBatcher(self.engine, blocks, max_batch=opts.max_batch).start()
         log.info("worker %s ready in %.1f s: %s on %s, channel %s", worker_id, time.perf_counter() - t0,
                  self.fingerprint, runner.device, opts.channel)
 
@@ -333,6 +353,8 @@ class Worker:
     def cancel(self, request_id: str) -> None:
         if isinstance(request_id, str):
             self._cancelled.add(request_id)
+            if self._batcher is not None:
+                self._batcher.cancel(request_id)
 
     def generate(self, request: dict) -> dict:
         """Run a request to the end: {"prefill": {...}, "token_ids": [...], "done": {...}}."""
@@ -346,6 +368,13 @@ class Worker:
 
     def generate_stream(self, request: dict) -> Iterator[dict]:
         req = self._validate(request)
+        b = self._batcher
+        if b is not None and b.fits(len(req["token_ids"]), req["max_tokens"]):
+            yield from self._generate_batched(req)
+        else:
+            yield from self._generate_alone(req)
+
+    def _generate_alone(self, req: dict) -> Iterator[dict]:
         rid, ids, max_tokens = req["request_id"], req["token_ids"], req["max_tokens"]
         settings = self.engine.settings if req["mode"] is None else replace(self.engine.settings, mode=req["mode"])
         with self._lock:
@@ -364,19 +393,8 @@ class Worker:
                     seq, logits = self.engine.prefill(ids, None, settings, max_tokens, keep_segment=keep)
             finally:
                 self._ctx.prefetched = None
-            st = seq.stats
             c = self.counters
-            c["requests"] += 1
-            c["prompt_tokens"] += st.prompt_tokens
-            c["reused_tokens"] += st.reused_tokens
-            c["recomputed_tokens"] += st.recomputed_tokens
-            yield {"type": "prefill", "worker": self.worker_id, "prompt_tokens": st.prompt_tokens,
-                   "reused_tokens": st.reused_tokens, "recomputed_tokens": st.recomputed_tokens,
-                   "cached_tokens": st.cached_tokens, "computed_tokens": st.computed_tokens,
-                   "flops_fraction": st.flops_fraction, "prefill_s": st.ttft_s,
-                   "worker_ttft_s": time.perf_counter() - t0, "fetch": fetch, "fallback": fallback,
-                   "source": (plan.source if plan is not None and st.reused_tokens else "miss"),
-                   "donor_ids": list(plan.donor_ids) if plan is not None and st.reused_tokens else []}
+            yield self._prefill_event(seq.stats, t0, fetch, fallback, plan)
             gen = torch.Generator(device="cpu").manual_seed(req["seed"] if req["seed"] is not None else 0)
             stop = set(self.runner.spec.eos_token_ids if req["stop_ids"] is None else req["stop_ids"])
             reason, n_out, t1 = "length", 0, time.perf_counter()
@@ -401,6 +419,80 @@ class Worker:
             del seq
         yield {"type": "done", "worker": self.worker_id, "finish_reason": reason, "completion_tokens": n_out,
                "decode_s": decode_s, "decode_recomputed": decode_recomputed, "segment_id": sid,
+               "fetched_donors": fetch["fetched"], "missing_donors": fetch["missing"]}
+
+    def _prefill_event(self, st, t0: float, fetch: dict, fallback: str | None, plan: ReusePlan | None) -> dict:
+        with self._count_lock:
+            c = self.counters
+            c["requests"] += 1
+            c["prompt_tokens"] += st.prompt_tokens
+            c["reused_tokens"] += st.reused_tokens
+            c["recomputed_tokens"] += st.recomputed_tokens
+        return {"type": "prefill", "worker": self.worker_id, "prompt_tokens": st.prompt_tokens,
+                "reused_tokens": st.reused_tokens, "recomputed_tokens": st.recomputed_tokens,
+                "cached_tokens": st.cached_tokens, "computed_tokens": st.computed_tokens,
+                "flops_fraction": st.flops_fraction, "prefill_s": st.ttft_s,
+                "worker_ttft_s": time.perf_counter() - t0, "fetch": fetch, "fallback": fallback,
+                "source": (plan.source if plan is not None and st.reused_tokens else "miss"),
+                "donor_ids": list(plan.donor_ids) if plan is not None and st.reused_tokens else []}
+
+    def _generate_batched(self, req: dict) -> Iterator[dict]:
+        """The events of ``_generate_alone``; donors are fetched in this thread, prefill and decode
+        run in the batcher's thread (with this request's fetched donors in view)."""
+        rid, ids, max_tokens = req["request_id"], req["token_ids"], req["max_tokens"]
+        settings = self.engine.settings if req["mode"] is None else replace(self.engine.settings, mode=req["mode"])
+        t0 = time.perf_counter()
+        self.engine.check_prompt(ids, max_tokens)
+        plan, fetch = self._prepare(req)
+        pre, self._ctx.prefetched = self._ctx.prefetched, None
+        keep = req["segment_id"] is not None
+        out: dict[str, Any] = {"fallback": None, "segment": None}
+
+        def prefill():
+            self._ctx.prefetched = pre
+            try:
+                try:
+                    return self.engine.prefill(ids, plan, settings, max_tokens, keep_segment=keep)
+                except DonorKVError as e:
+                    out["fallback"] = f"{type(e).__name__}: {e}"
+                    log.warning("request %s: donor KV unusable (%s); recomputing in full", rid, out["fallback"])
+                    with self._count_lock:
+                        self.counters["fallbacks"] += 1
+                    return self.engine.prefill(ids, None, settings, max_tokens, keep_segment=keep)
+            finally:
+                self._ctx.prefetched = None
+
+        def on_prefill(seq):  # the prompt's KV leaves the sequence's own cache right after this
+            if keep:
+                out["segment"] = self._segment_of(seq, req)
+
+        ticket = self._batcher.submit(BatchRequest(
+            ids, max_tokens, temperature=req["temperature"], top_p=req["top_p"], seed=req["seed"],
+            stop_ids=req["stop_ids"], request_id=rid, prefill_fn=prefill, on_prefill=on_prefill))
+        if rid in self._cancelled:
+            self._batcher.cancel(rid)
+        n_out, reason = 0, "length"
+        try:
+            for kind, value in ticket.stream():
+                if kind == "prefill":
+                    yield self._prefill_event(value, t0, fetch, out["fallback"], plan)
+                elif kind == "token":
+                    n_out += 1
+                    yield {"type": "token", "token_id": value}
+                elif kind == "error":
+                    raise value
+                else:
+                    reason = value
+        finally:
+            if not ticket.finished:  # the caller stopped reading: free the request's blocks
+                self._batcher.cancel(rid)
+        self._cancelled.discard(rid)
+        with self._count_lock:
+            self.counters["cancelled"] += reason == "cancelled"
+            self.counters["generated_tokens"] += n_out
+        sid = self._store_segment(out["segment"], req) if out["segment"] is not None else None
+        yield {"type": "done", "worker": self.worker_id, "finish_reason": reason, "completion_tokens": n_out,
+               "decode_s": ticket.decode_s, "decode_recomputed": ticket.decode_recomputed, "segment_id": sid,
                "fetched_donors": fetch["fetched"], "missing_donors": fetch["missing"]}
 
     def _prepare(self, req: dict) -> tuple[ReusePlan | None, dict]:
@@ -458,16 +550,29 @@ class Worker:
 
     @torch.inference_mode()
     def _write_back(self, seq, req: dict) -> str | None:
-        sid = req["segment_id"]
+        return self._store_segment(self._segment_of(seq, req), req)
+
+    @torch.inference_mode()
+    def _segment_of(self, seq, req: dict) -> SegmentKV | None:
         try:
-            seg = self.engine.segment_of(seq, sid, req["tenant"], req["scope"], device="cpu")
+            return self.engine.segment_of(seq, req["segment_id"], req["tenant"], req["scope"], device="cpu")
+        except Exception as e:  # noqa: BLE001 - a segment not stored is only a future miss
+            log.warning("could not store segment %s (%s: %s)", req["segment_id"], type(e).__name__, e)
+            return None
+
+    def _store_segment(self, seg: SegmentKV | None, req: dict) -> str | None:
+        sid = req["segment_id"]
+        if seg is None:
+            return None
+        try:
             self.segments.put(seg)
             if not self._wait_local(sid, seg.n_tokens):
                 log.warning("segment %s: write-back still queued after %.0f s", sid, self.options.flush_timeout_s)
         except Exception as e:  # noqa: BLE001 - a segment not stored is only a future miss
             log.warning("could not store segment %s (%s: %s)", sid, type(e).__name__, e)
             return None
-        self.counters["segments_written"] += 1
+        with self._count_lock:
+            self.counters["segments_written"] += 1
         return sid
 
     def _wait_local(self, segment_id: str, n_tokens: int) -> bool:
@@ -544,6 +649,8 @@ class Worker:
         if bad:
             raise InvalidParameterError(f"reset cannot change {sorted(bad)}")
         with self._lock:
+            if self._batcher is not None:
+                self._batcher.wait_idle()
             opts = replace(self.options, **overrides)
             settings = ReuseSettings(**opts.reuse) if opts.reuse else ReuseSettings()
             settings.validate(self.runner.spec.num_layers)
@@ -564,13 +671,16 @@ class Worker:
             used["host"] = t.host.used_bytes
         return {"worker_id": self.worker_id, "tiers": t.stats(), "tier_used_bytes": used,
                 "transfer": {k: v.as_dict() for k, v in self.transfer.items()}, "counters": dict(self.counters),
-                "bad_segments": self.segments.bad_segments}
+                "bad_segments": self.segments.bad_segments,
+                "batching": self._batcher.snapshot() if self._batcher is not None else None}
 
     def clear_shared_tier(self) -> int:
         """Delete this cluster's keys from Redis (tests; a model upgrade)."""
         return self.tiers.redis.clear() if self.tiers.redis is not None else 0
 
     def shutdown(self) -> None:
+        if self._batcher is not None:
+            self._batcher.stop()
         if self._tcp is not None:
             self._tcp.stop()
             self._tcp = None

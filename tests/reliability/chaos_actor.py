@@ -42,6 +42,16 @@ class ChaosWorker(Worker):
             return decode(*a, **k)
 
         eng._checked, eng._full, eng.decode_step = _checked, _full, decode_step
+        if self._batcher is not None:  # a batched decode step is a decode step too
+            paged = self._batcher._paged_step
+
+            def paged_step(*a, **k):
+                self._step += 1
+                if self._plan is not None and self._plan[0] == "decode" and self._step >= self._plan[1]:
+                    self._die("decode")
+                return paged(*a, **k)
+
+            self._batcher._paged_step = paged_step
         seg_get = self.segments.get
 
         def get(segment_id):

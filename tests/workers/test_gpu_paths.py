@@ -22,7 +22,10 @@ def _runner(flex: bool):
     return r
 
 
-def test_flex_matches_dense_mask():
+def test_flex_matches_dense_mask(monkeypatch):
+    from workers import model_runner
+    monkeypatch.setattr(model_runner, "FLEX_MIN_QUERIES", 16)  # this small a pass uses flex too
+    monkeypatch.setattr(model_runner, "FLEX_MIN_KEYS", 16)
     ids = torch.randint(0, SPEC.vocab_size, (700,), device="cuda")
     sel = torch.tensor(sorted(set(torch.randint(0, 700, (150,)).tolist()) | {699}), device="cuda")
     outs = []
@@ -32,6 +35,7 @@ def test_flex_matches_dense_mask():
         cache.length = 700
         r.forward(ids, torch.arange(700, device="cuda"), cache, "causal")
         outs.append(r.logits(r.forward(ids[sel], sel, cache, "mask")))
+        assert r.flex_failures == 0
     assert torch.allclose(outs[0], outs[1], atol=2e-3)
 
 
@@ -48,3 +52,73 @@ def test_graph_step_matches_eager_decode():
     c, _ = graphed.generate(ids, plan, 12, settings=ReuseSettings(mode="prefix"))
     assert c.token_ids == a.token_ids and c.cached_tokens == 299
     assert torch.allclose(c.first_logits, a.first_logits, atol=1e-3)
+
+
+def test_place_kv_kernel_matches_torch_ops():
+    from workers import kv_place
+    from workers.rope import apply_rope
+    if kv_place.triton is None:
+        pytest.skip("needs triton")
+    r = _runner(True)
+    L, H, d = 4, 2, 32
+    src_k, src_v = torch.randn(2, L, H, 600, d, device="cuda").unbind(0)
+    src_idx = torch.randperm(600, device="cuda")[:333]
+    dst_idx = torch.randperm(700, device="cuda")[:333]
+    cos, sin = r.rope.cos_sin(dst_idx, torch.float32)
+    ck, cv, kp = (torch.zeros(L, H, 768, d, device="cuda") for _ in range(3))
+    kv_place.place_kv(ck, cv, src_k, src_v, src_idx, dst_idx, cos, sin, kp)
+    assert torch.allclose(ck[:, :, dst_idx], apply_rope(src_k[:, :, src_idx], cos, sin), atol=1e-5)
+    assert torch.equal(cv[:, :, dst_idx], src_v[:, :, src_idx])
+    assert torch.equal(kp[:, :, dst_idx], src_k[:, :, src_idx])
+    untouched = torch.ones(768, dtype=torch.bool, device="cuda")
+    untouched[dst_idx] = False
+    assert not ck[:, :, untouched].any() and not cv[:, :, untouched].any()
+
+
+def test_padded_causal_tail_matches_dense_mask():
+    from workers.model_runner import Positions
+    r = _runner(False)
+    n, m = 900, 600
+    q = torch.randn(SPEC.num_heads, m, SPEC.head_dim, device="cuda")
+    k, v = torch.randn(2, SPEC.num_kv_heads, n, SPEC.head_dim, device="cuda").unbind(0)
+    pos = torch.arange(n - m, n, device="cuda")
+    tail = r.attend(q, k, v, r.positions(pos, "tail", n))
+    p = r.positions(pos, "mask", n)
+    dense = r.attend(q, k, v, p)
+    assert torch.allclose(tail, dense, atol=1e-4)
+
+
+def test_bucketed_graph_steps_across_buckets():
+    """Decoding across a key-length bucket boundary keeps matching the eager engine."""
+    from workers import cuda_graph
+    r = _runner(True)
+    store = InMemorySegmentStore()
+    ids = torch.randint(0, SPEC.vocab_size, (cuda_graph.BUCKET - 6,)).tolist()
+    eager, graphed = ReuseEngine(r, store), ReuseEngine(r, store, static_tokens=2 * cuda_graph.BUCKET)
+    a, _ = eager.generate(ids, None, 12, settings=ReuseSettings(mode="full"))
+    b, _ = graphed.generate(ids, None, 12, settings=ReuseSettings(mode="full"))
+    assert a.token_ids == b.token_ids
+    assert len(graphed._graph.graphs) == 2
+
+
+def test_exact_prefix_left_in_the_pool_is_reused_in_place():
+    """A prompt extending the previous pooled one (a chat's next turn) takes its exact prefix from
+    the pool without copying, with the same logits as copying it from the donor."""
+    r = _runner(True)
+    store = InMemorySegmentStore()
+    ids = torch.randint(0, SPEC.vocab_size, (400,)).tolist()
+    eng = ReuseEngine(r, store, static_tokens=1024)
+    seq, _ = eng.prefill(ids, None, ReuseSettings(mode="full"), keep_segment=True)
+    store.put(eng.segment_of(seq, "d"))
+    longer = ids + torch.randint(0, SPEC.vocab_size, (50,)).tolist()
+    plan = ReusePlan(450, [ReuseSpan(0, "d", 0, 400)], prefix_len=400)
+    st = ReuseSettings(mode="prefix")
+    calls = []
+    orig = eng._place
+    eng._place = lambda *a, **k: calls.append(k.get("resident", a[3] if len(a) > 3 else 0)) or orig(*a, **k)
+    _, in_place = eng.prefill(longer, plan, st, keep_segment=False)
+    eng.pool_reuse = False
+    _, copied = eng.prefill(longer, plan, st, keep_segment=False)
+    full = ReuseEngine(r, store).prefill(longer, None, ReuseSettings(mode="full"), keep_segment=False)[1]
+    assert calls == [400, 0]
+    assert torch.allclose(in_place, copied, atol=1e-4) and torch.allclose(in_place, full, atol=1e-3)

@@ -84,3 +84,32 @@ def test_share_kv_validation(tiny_runner):
     tiny_runner.share_kv([0, 0, 2, 2])
     assert tiny_runner.kv_layers == (0, 2) and tiny_runner.fingerprint != fp
     assert tiny_runner.new_cache(8).k.shape[0] == 2
+
+
+def test_by_position_block_mask_matches_brute_force():
+    """The FlexAttention block mask built from sorted query positions marks exactly the blocks
+    with some allowed (query, key) pair, and as full exactly those where every pair is allowed."""
+    import numpy as np
+    from workers.model_runner import by_position_block_mask
+    rng = np.random.default_rng(1)
+    for m, n, block in ((300, 1000, 128), (128, 256, 128), (77, 900, 64), (500, 500, 128)):
+        pos = torch.as_tensor(np.sort(rng.choice(n, size=m, replace=False)))
+        pos[-1] = n - 1
+        bm = by_position_block_mask(pos, n, block)
+        allowed = torch.arange(n)[None, :] <= pos[:, None]
+        qb, kb = -(-m // block), -(-n // block)
+        pad = torch.zeros(qb * block, kb * block, dtype=torch.bool)
+        pad[:m, :n] = allowed
+        valid = torch.zeros_like(pad)
+        valid[:m, :n] = True
+        tiles = pad.view(qb, block, kb, block)
+        any_ = tiles.any(dim=(1, 3))
+        full = (tiles | ~valid.view(qb, block, kb, block)).all(dim=(1, 3)) & any_
+        got_full = torch.zeros(qb, kb, dtype=torch.bool)
+        got_part = torch.zeros(qb, kb, dtype=torch.bool)
+        for i in range(qb):
+            got_full[i, bm.full_kv_indices[0, 0, i, :bm.full_kv_num_blocks[0, 0, i]].long()] = True
+            got_part[i, bm.kv_indices[0, 0, i, :bm.kv_num_blocks[0, 0, i]].long()] = True
+        assert not (got_full & got_part).any()
+        assert torch.equal(got_full | got_part, any_), (m, n)
+        assert not (got_full & ~full).any(), (m, n)  # a block marked full must be wholly allowed
