@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 import xxhash
 
+from workers import fused
 from workers.kv_cache import KVCache
 from workers.model_spec import ModelSpec
 from workers.rope import Rope, apply_rope, apply_rope_fused
@@ -78,6 +79,8 @@ class LlamaRunner:
         # tensor parallel (workers/tensor_parallel.py): sums a shard's partial results over the
         # ranks (o-proj, down-proj, per-head score sums); None on an unsharded runner
         self.reduce = None
+        # compiled pointwise fusion (workers/fused.py): CUDA only, off under tensor parallelism
+        self.fuse = self.device.type == "cuda" and fused.ENABLED
         self._set_slots()
         self.fingerprint = self._fingerprint()
 
@@ -206,6 +209,8 @@ class LlamaRunner:
 
     def _attend_one(self, qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     mask: torch.Tensor) -> torch.Tensor:
+        if self.fuse:
+            return fused.compiled("one")(qf, k, v, mask[0], self.scale)
         scores = torch.matmul(qf * self.scale, k.transpose(1, 2)).float()
         scores.masked_fill_(~mask[0], float("-inf"))
         return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
@@ -241,14 +246,23 @@ class LlamaRunner:
         new hidden states (and the rotated queries when ``want_q``)."""
         if not isinstance(p, Positions):
             p = self.positions(p, layout or "mask", cache.length)
-        q, k, v = self.qkv(layer, h, p, k_pre_out)
+        lw, s = self.layers[layer], self.spec
+        fuse = self.fuse and self.reduce is None
+        if fuse and k_pre_out is None and lw.w_qkv.shape[0] > s.q_size:
+            q, k, v = fused.compiled("pre")(h, lw.attn_norm, lw.w_qkv, lw.b_qkv, p.cos, p.sin, s.rms_norm_eps,
+                                            s.num_heads, s.num_kv_heads, s.head_dim)
+        else:
+            q, k, v = self.qkv(layer, h, p, k_pre_out)
         slot = self.kv_slot[layer]
         if k is not None:
             cache.write(slot, p.pos, k, v, p.layout)
         n = cache.length
         attn = self.attend(q, cache.k[slot, :, :n], cache.v[slot, :, :n], p)
-        h = h + self.all_reduce(F.linear(attn, self.layers[layer].w_o))
-        h = h + self.all_reduce(self.mlp(layer, h))
+        if fuse:
+            h = fused.compiled("post")(h, attn, lw.w_o, lw.mlp_norm, lw.w_gate_up, lw.w_down, s.rms_norm_eps)
+        else:
+            h = h + self.all_reduce(F.linear(attn, lw.w_o))
+            h = h + self.all_reduce(self.mlp(layer, h))
         return (h, q) if want_q else h
 
     @torch.inference_mode()

@@ -122,3 +122,19 @@ def test_exact_prefix_left_in_the_pool_is_reused_in_place():
     full = ReuseEngine(r, store).prefill(longer, None, ReuseSettings(mode="full"), keep_segment=False)[1]
     assert calls == [400, 0]
     assert torch.allclose(in_place, copied, atol=1e-4) and torch.allclose(in_place, full, atol=1e-3)
+
+
+def test_fused_layers_match_unfused():
+    """The compiled pointwise fusion gives the eager layer's results (full, subset and one-token
+    passes) and the same greedy tokens through the graphed engine."""
+    r = _runner(True)
+    assert r.fuse
+    ids = torch.randint(0, SPEC.vocab_size, (300,)).tolist()
+    outs = {}
+    for fuse in (False, True):
+        r.fuse = fuse
+        eng = ReuseEngine(r, InMemorySegmentStore(), static_tokens=1024)
+        res, _ = eng.generate(ids, None, 8, settings=ReuseSettings(mode="full"))
+        outs[fuse] = res
+    assert outs[True].token_ids == outs[False].token_ids
+    assert torch.allclose(outs[True].first_logits, outs[False].first_logits, atol=1e-3)
