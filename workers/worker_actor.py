@@ -88,6 +88,7 @@ class WorkerOptions:
     max_batch: int = 16  # sequences decoded together
     kv_pool_bytes: int = 512 << 20  # the paged KV pool (K and V) the batch shares
     kv_block_size: int = 16  # tokens per paged KV block
+    tensor_parallel_size: int = 1  # > 1: the worker is a group of shards (workers/tp_group.py)
 
     @classmethod
     def coerce(cls, options: "WorkerOptions | dict | None") -> "WorkerOptions":
@@ -113,7 +114,8 @@ class WorkerOptions:
                    max_context=m.max_context, kv_sharing_strategy=m.kv_sharing_strategy, reuse=reuse,
                    block_tokens=t.block_tokens, gpu_bytes=t.gpu_bytes, host_bytes=t.host_bytes,
                    redis_url=t.redis_url, redis_prefix=t.redis_prefix, redis_ttl_s=t.redis_ttl_s,
-                   max_block_bytes=t.max_block_bytes)
+                   max_block_bytes=t.max_block_bytes,
+                   tensor_parallel_size=getattr(m, "tensor_parallel_size", 1))
         c = getattr(cfg, "cluster", None)
         for k in ("batching", "max_batch", "kv_pool_bytes", "kv_block_size"):
             if hasattr(c, k):
