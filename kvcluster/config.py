@@ -35,6 +35,8 @@ class ModelConfig(_Section):
     device: str = "auto"
     max_context: int | None = Field(default=None, gt=0)
     kv_sharing_strategy: str | None = None  # a KVSharer strategy JSON file
+    # > 1: each worker is a group of this many Ray actors, one tensor-parallel shard each (Ray only)
+    tensor_parallel_size: int = Field(default=1, ge=1)
 
 
 class ReuseConfig(_Section):

@@ -72,7 +72,8 @@ def test_defaults_match_values(tmp_path: Path) -> None:
 def test_every_config_key_passes_through(tmp_path: Path) -> None:
     overrides = {
         "model": {"name": "/models/qwen2", "gguf_file": "q.gguf", "dtype": "float16", "device": "cuda",
-                  "max_context": 8192, "kv_sharing_strategy": "/models/qwen2/kvsharer.json"},
+                  "max_context": 8192, "kv_sharing_strategy": "/models/qwen2/kvsharer.json",
+                  "tensor_parallel_size": 2},
         "reuse": {"mode": "cacheblend", "recompute_ratio": 0.3, "check_layer": 2, "decode_recompute": 0,
                   "min_run": 8, "epic_tokens": 16, "suffix_tokens": 2},
         "index": {"collection": "segs", "top_k": 8, "min_score": -0.5, "block_tokens": 32},
@@ -85,6 +86,14 @@ def test_every_config_key_passes_through(tmp_path: Path) -> None:
     for section, keys in overrides.items():
         for key, value in keys.items():
             assert getattr(getattr(cfg, section), key) == value, f"{section}.{key}"
+
+
+def test_tensor_parallel_divides_the_worker_count(tmp_path: Path) -> None:
+    # 2 replicas x 4 GPUs = 8 GPUs; 2 shards per model replica -> 4 workers
+    values = {"rayService": {"worker": {"replicas": 2, "gpus": 4}},
+              "config": {"model": {"tensor_parallel_size": 2}}}
+    cfg = _load(C.render(values), tmp_path)
+    assert cfg.model.tensor_parallel_size == 2 and cfg.cluster.num_workers == 4
 
 
 def test_api_keys_from_created_secret(tmp_path: Path) -> None:

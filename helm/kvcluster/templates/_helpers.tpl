@@ -110,7 +110,8 @@ keys the chart owns (service URLs, serve host/port, cluster address, worker coun
 {{- $cluster := default dict (get $cfg "cluster") -}}
 {{- $_ := set $cluster "address" "auto" -}}
 {{- if not (get $cluster "num_workers") -}}
-{{- $_ := set $cluster "num_workers" (max 1 (mul (int $w.replicas) (max 1 (int $w.gpus)))) -}}
+{{- $tp := int (default 1 (get (default dict (get $cfg "model")) "tensor_parallel_size")) -}}
+{{- $_ := set $cluster "num_workers" (max 1 (div (mul (int $w.replicas) (max 1 (int $w.gpus))) $tp)) -}}
 {{- end -}}
 {{- $_ := set $cfg "cluster" $cluster -}}
 {{- toYaml $cfg -}}
