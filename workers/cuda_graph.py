@@ -48,14 +48,14 @@ class GraphedStep:
         self.pos.fill_(self.pool.capacity - 1)  # warm-up writes land in the reserved slot
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
+        with self.runner.fusing(), torch.cuda.stream(side):
             for _ in range(2):
                 self._body(keys)
         torch.cuda.current_stream(dev).wait_stream(side)
         if self.mempool is None:
             self.mempool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.mempool):  # one pool: graphs never run at once
+        with self.runner.fusing(), torch.cuda.graph(graph, pool=self.mempool):  # one pool: graphs never run at once
             logits = self._body(keys)
         return graph, logits
 
@@ -72,3 +72,70 @@ class GraphedStep:
         self.pos.fill_(int(position))
         graph.replay()
         return logits[0].clone()
+
+
+M_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)  # token counts with a graph; larger passes are GPU-bound
+
+
+class GraphedLayers:
+    """Layers ``first..L-1`` for a few tokens at any positions, over the pool, as one graph per
+    (token bucket, key bucket): the upper pass of dhd/cacheblend (the recomputed tokens) and short
+    subset passes. Eagerly, 30 layers of a few hundred tokens are launch-bound (~1 ms of Python
+    and ~25 kernels per layer); replayed, they cost their GPU time. Padding rows sit at the pool's
+    reserved last slot, so their K/V writes land there; their outputs are dropped. Attention uses
+    a dense mask by position (FlexAttention's block mask is rebuilt per pass, which a graph cannot).
+    """
+
+    def __init__(self, runner: LlamaRunner, pool: KVCache, k_pre_pool: KVCache | None = None) -> None:
+        self.runner, self.pool = runner, pool
+        self.k_pre_pool = k_pre_pool
+        self.graphs: dict[tuple, tuple] = {}
+        self.mempool = None
+
+    @staticmethod
+    def fits(m: int) -> bool:
+        return m <= M_BUCKETS[-1]
+
+    def __call__(self, first: int, h: torch.Tensor, pos: torch.Tensor, n_keys: int,
+                 k_pre_out: torch.Tensor | None = None) -> torch.Tensor:
+        m = h.shape[0]
+        mb = next(b for b in M_BUCKETS if b >= m)
+        nb = min(-(-n_keys // BUCKET) * BUCKET, self.pool.capacity)
+        key = (first, mb, nb, k_pre_out is not None)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(first, mb, nb, k_pre_out)
+        graph, h_in, pos_in, out = self.graphs[key]
+        h_in[:m].copy_(h)
+        pos_in[:m].copy_(pos)
+        pos_in[m:].fill_(self.pool.capacity - 1)
+        graph.replay()
+        return out[:m].clone()
+
+    def _body(self, first: int, h: torch.Tensor, pos: torch.Tensor, keys: int, k_pre_out) -> torch.Tensor:
+        r = self.runner
+        saved, self.pool.length = self.pool.length, keys
+        try:
+            p = Positions.build(r, pos, "mask", keys)
+            p.block_mask = None
+            for layer in range(first, r.spec.num_layers):
+                h = r.layer(layer, h, p, self.pool, k_pre_out=k_pre_out)
+            return h
+        finally:
+            self.pool.length = saved
+
+    def _capture(self, first: int, mb: int, keys: int, k_pre_out):
+        r, dev = self.runner, self.runner.device
+        h_in = torch.zeros(mb, r.spec.hidden_size, dtype=r.dtype, device=dev)
+        pos_in = torch.full((mb,), self.pool.capacity - 1, dtype=torch.long, device=dev)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with r.fusing(), torch.cuda.stream(side):
+            for _ in range(2):
+                self._body(first, h_in, pos_in, keys, k_pre_out)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        if self.mempool is None:
+            self.mempool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with r.fusing(), torch.cuda.graph(graph, pool=self.mempool):
+            out = self._body(first, h_in, pos_in, keys, k_pre_out)
+        return graph, h_in, pos_in, out

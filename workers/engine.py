@@ -110,12 +110,15 @@ class ReuseEngine:
         self._pool: KVCache | None = None
         self._pool_owner: Sequence | None = None
         self._graph = None
+        self._layer_graphs = None
+        self._k_pre_pool: torch.Tensor | None = None  # pre-RoPE keys of the pooled prompt (static)
         self.pool_reuse = True  # a pooled prompt's exact prefix left in the pool is reused in place
         if static_tokens and runner.device.type == "cuda":
-            from workers.cuda_graph import GraphedStep
+            from workers.cuda_graph import GraphedLayers, GraphedStep
             # + the graph's reserved slot, rounded so attention rows stay aligned
             self._pool = runner.new_cache(-(-(static_tokens + 1) // 128) * 128)
             self._graph = GraphedStep(runner, self._pool)
+            self._layer_graphs = GraphedLayers(runner, self._pool)
 
     # ---- validation -------------------------------------------------------------------------
     def check_prompt(self, token_ids, max_tokens: int = 0) -> list[int]:
@@ -218,7 +221,11 @@ class ReuseEngine:
         resident = self._resident(arr, plan, cache, keep_segment) if plan is not None else 0
         if cache is self._pool:
             self._pool_owner = seq
-        if keep_segment:
+        if keep_segment and cache is self._pool:
+            if self._k_pre_pool is None:
+                self._k_pre_pool = torch.zeros_like(cache.k)
+            seq.k_pre = self._k_pre_pool[:, :, :n]  # a fixed address the graphs can write to
+        elif keep_segment:
             seq.k_pre = torch.zeros_like(cache.k[:, :, :n])
         tok = torch.from_numpy(arr).to(r.device, non_blocking=True)
         if plan is None or plan.reused_tokens == 0:
@@ -275,11 +282,20 @@ class ReuseEngine:
         if len(pos) == 1 and self._graphable(seq):
             return self._graph_token(seq, tok[n - 1], n - 1)
         layout = "tail" if int(pos_np[0]) == n - len(pos_np) else "mask"
-        h = r.embed(tok[pos])
-        p = r.positions(pos, layout, n)
-        for l in range(r.spec.num_layers):
-            h = r.layer(l, h, p, seq.cache, k_pre_out=seq.k_pre)
+        h = self._layers(seq, r.embed(tok[pos]), pos, 0, n, layout)
         return r.logits(h[-1:])[0]
+
+    def _layers(self, seq: Sequence, h: torch.Tensor, pos: torch.Tensor, first: int, n: int,
+                layout: str = "mask") -> torch.Tensor:
+        """Layers first..L-1 for the tokens at ``pos``: a replayed graph for a pooled sequence's
+        short passes, else layer by layer."""
+        r = self.runner
+        if self._layer_graphs is not None and seq.cache is self._pool and self._layer_graphs.fits(len(pos)):
+            return self._layer_graphs(first, h, pos, n, self._k_pre_pool if seq.k_pre is not None else None)
+        p = r.positions(pos, layout, n)
+        for l in range(first, r.spec.num_layers):
+            h = r.layer(l, h, p, seq.cache, k_pre_out=seq.k_pre)
+        return h
 
     def _checked(self, seq: Sequence, tok: torch.Tensor, reused: torch.Tensor, st: ReuseSettings,
                  prefix: int) -> torch.Tensor:
@@ -312,10 +328,7 @@ class ReuseEngine:
             compute = torch.zeros(n, dtype=torch.bool, device=r.device)
             compute[sel] = True
             self._keep_for_decode(seq, h, prefix, cand, dev, compute)
-        hs = h[sel - prefix]
-        p_sel = r.positions(sel, "mask", n)
-        for l in range(c + 1, L):
-            hs = r.layer(l, hs, p_sel, seq.cache, k_pre_out=seq.k_pre)
+        hs = self._layers(seq, h[sel - prefix], sel, c + 1, n)
         s = seq.stats
         s.reused_tokens, s.computed_tokens = len(reused), int(must_np.sum())
         s.recomputed_tokens = len(chosen)
@@ -424,6 +437,8 @@ class ReuseEngine:
         """The prompt's KV as a storable segment (keys before RoPE)."""
         if seq.k_pre is None:
             raise InvalidParameterError("prefill ran with keep_segment=False; no segment to store")
+        if seq.cache is self._pool and self._pool_owner is not seq:
+            raise InvalidParameterError("this sequence's KV pool was taken by a newer request; store its segment first")
         n = seq.prompt_len
         dev = device or self.runner.device
         return SegmentKV(segment_id, self.runner.fingerprint, np.asarray(seq.token_ids[:n], dtype=np.int32),

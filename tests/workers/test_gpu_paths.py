@@ -132,9 +132,32 @@ def test_fused_layers_match_unfused():
     ids = torch.randint(0, SPEC.vocab_size, (300,)).tolist()
     outs = {}
     for fuse in (False, True):
-        r.fuse = fuse
+        r.fuse = fuse  # fusion applies inside graph captures
         eng = ReuseEngine(r, InMemorySegmentStore(), static_tokens=1024)
         res, _ = eng.generate(ids, None, 8, settings=ReuseSettings(mode="full"))
         outs[fuse] = res
     assert outs[True].token_ids == outs[False].token_ids
     assert torch.allclose(outs[True].first_logits, outs[False].first_logits, atol=1e-3)
+
+
+def test_graphed_upper_pass_matches_eager():
+    """dhd's upper pass and a short subset pass, replayed as graphs over the pool, give the eager
+    engine's logits, stats and stored segment (pre-RoPE keys written through the graph)."""
+    r = _runner(True)
+    store = InMemorySegmentStore()
+    ids = torch.randint(0, SPEC.vocab_size, (500,)).tolist()
+    eager, pooled = ReuseEngine(r, store), ReuseEngine(r, store, static_tokens=1024)
+    seq, _ = eager.prefill(ids, None, ReuseSettings(mode="full"), keep_segment=True)
+    store.put(eager.segment_of(seq, "d"))
+    new = list(ids)
+    for i in range(100, 130):
+        new[i] = (new[i] + 1) % SPEC.vocab_size
+    plan = ReusePlan(500, [ReuseSpan(0, "d", 0, 100), ReuseSpan(130, "d", 130, 370)], prefix_len=100)
+    for st in (ReuseSettings(mode="dhd", recompute_ratio=0.2, decode_recompute=0), ReuseSettings(mode="naive")):
+        a, la = eager.prefill(new, plan, st, keep_segment=True)
+        b, lb = pooled.prefill(new, plan, st, keep_segment=True)
+        assert (a.stats.recomputed_tokens, a.stats.computed_tokens) == (b.stats.recomputed_tokens, b.stats.computed_tokens)
+        assert torch.allclose(la, lb, atol=2e-3), (st.mode, (la - lb).abs().max())
+        sa, sb = eager.segment_of(a, "x"), pooled.segment_of(b, "y")
+        assert torch.allclose(sa.keys, sb.keys, atol=2e-3) and torch.allclose(sa.values, sb.values, atol=2e-3)
+    assert len(pooled._layer_graphs.graphs) == 2
