@@ -45,6 +45,9 @@ class EmbeddedCluster:
         from workers.segments import InMemorySegmentStore
 
         t0 = time.perf_counter()
+        if cfg.model.tensor_parallel_size > 1:
+            log.warning("model.tensor_parallel_size=%d is ignored by the embedded engine (one process); "
+                        "tensor-parallel workers run on Ray (cluster.address)", cfg.model.tensor_parallel_size)
         if runner is None:
             runner = load_runner(cfg.model.name, cfg.model.gguf_file, cfg.model.dtype, cfg.model.device)
             if cfg.model.kv_sharing_strategy:

@@ -136,6 +136,11 @@ class RayCluster:
         self.handles = {}
         for i in range(cfg.cluster.num_workers):
             wid = f"w{i}"
+            if opts.tensor_parallel_size > 1:  # one worker = a group of shard actors behind rank 0's handle
+                from workers.tp_group import TPWorkerGroup
+                self.handles[wid] = TPWorkerGroup(wid, opts, num_cpus=worker_num_cpus, num_gpus=gpus,
+                                                  wait=False).leader
+                continue
             self.handles[wid] = WorkerActor.options(num_cpus=worker_num_cpus, num_gpus=gpus, **ACTOR_OPTIONS).remote(
                 wid, opts)
         try:
@@ -284,7 +289,7 @@ def _gpus_per_worker(cfg: KVClusterConfig) -> float:
     if dev.startswith("cuda"):
         return 1
     have = ray.cluster_resources().get("GPU", 0)
-    return 1 if have >= cfg.cluster.num_workers else 0
+    return 1 if have >= cfg.cluster.num_workers * cfg.model.tensor_parallel_size else 0  # a GPU per shard
 
 
 # ---- clients ----------------------------------------------------------------------------------

@@ -114,15 +114,17 @@ def shard_runner(full: LlamaRunner, rank: int, tp_size: int,
 
 def load_shard(name: str, rank: int, tp_size: int, dtype: str = "float32", device: str = "auto",
                gguf_file: str | None = None,
-               reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> LlamaRunner:
+               reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               spec: ModelSpec | None = None) -> LlamaRunner:
     """Rank ``rank``'s shard read straight from the safetensors files (only its rows and columns
     of the split projections: a rank never holds the full model). Same shard, same fingerprint
-    as ``shard_runner(load_runner(name), rank, tp_size)``."""
-    from transformers import AutoConfig
-
+    as ``shard_runner(load_runner(name), rank, tp_size)``. ``spec``: the model's, when the caller
+    has it (spares the transformers import that reading the config costs)."""
     from workers.model_loader import DTYPES, SMOLLM2_ALIASES, hf_folder, pick_device, runner_from_state_dict
     folder = hf_folder(name, gguf_file)
-    spec = ModelSpec.from_hf_config(AutoConfig.from_pretrained(folder))
+    if spec is None:
+        from transformers import AutoConfig
+        spec = ModelSpec.from_hf_config(AutoConfig.from_pretrained(folder))
     check_tp(spec, tp_size)
     if not 0 <= rank < tp_size:
         raise TensorParallelError(f"rank must be in [0, {tp_size}), got {rank}")

@@ -77,7 +77,7 @@ def _rank_main(rank: int, world: int, port: int, cases: list[dict], out_dir: str
     for case in cases:
         t0 = time.perf_counter()
         if case["name"] == "smollm2":  # only this rank's slices are read from the weights file
-            shard = load_shard("smollm2-135m", rank, world, reduce=all_reduce_fn(pg))
+            shard = load_shard("smollm2-135m", rank, world, reduce=all_reduce_fn(pg), spec=case["spec"])
         else:
             shard = shard_runner(_build(case["name"]), rank, world, all_reduce_fn(pg))
         t1 = time.perf_counter()
@@ -184,7 +184,7 @@ def test_tp_smollm2_three_ranks(smollm2, tmp_path):
               "Document 2: Mount Etna is an active volcano on the east coast of Sicily. "
               "Question: which river reaches the Black Sea?")["input_ids"]
     # dhd only here (3 processes on a small CPU are slow to step); the tiny models run cacheblend too
-    case = {"name": "smollm2", "donor": donor, "new": new, "max_tokens": 8, "modes": ["dhd"]}
+    case = {"name": "smollm2", "donor": donor, "new": new, "max_tokens": 8, "modes": ["dhd"], "spec": runner.spec}
     ranks = _spawn_ranks(3, [case], tmp_path)
     ref = _run(runner, case)
     _compare("smollm2", ref, [r["smollm2"] for r in ranks], runner.spec, case["modes"])
@@ -252,3 +252,29 @@ def test_tp_worker_group_answers_like_one_worker(ray_local):
         single.shutdown()
     finally:
         group.shutdown()
+
+
+@pytest.mark.slow
+def test_ray_cluster_runs_tensor_parallel_workers(smollm2, ray_local):
+    """model.tensor_parallel_size = 3: the cluster's one worker is a group of 3 SmolLM2 shards; the
+    router and scheduler see one worker and get the unsharded model's tokens."""
+    import asyncio
+
+    from kvcluster.ray_client import RayCluster
+    from workers.scheduler import RouterRequest
+
+    runner, tok = smollm2
+    ids = tok("The three primary colours of light are")["input_ids"]
+    want, _ = ReuseEngine(runner).generate(ids, None, max_tokens=8, settings=ReuseSettings(mode="full"))
+    cluster = None
+    try:
+        cfg = {"model": {"device": "cpu", "tensor_parallel_size": 3}, "reuse": {"mode": "full"},
+               "cluster": {"num_workers": 1}}
+        cluster = RayCluster(cfg, worker_num_cpus=0.5)  # 3 ranks in ray_local's 2 CPUs
+        info = cluster.infos["w0"]
+        assert info["tp_size"] == 3 and cluster.scheduler.workers == ["w0"]
+        out = asyncio.run(cluster.router.generate(RouterRequest(token_ids=ids, max_tokens=8, write_back=False)))
+        assert out["token_ids"] == want.token_ids
+    finally:
+        if cluster is not None:
+            cluster.shutdown()
