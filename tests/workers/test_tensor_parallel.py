@@ -242,6 +242,11 @@ def test_tp_worker_group_answers_like_one_worker(ray_local):
         for key in ("reused_tokens", "recomputed_tokens"):
             assert a["prefill"][key] == b["prefill"][key] > 0, key
         assert a["done"]["decode_recomputed"] == b["done"]["decode_recomputed"] > 0
+        # a cancel reaches the leader only; every rank stops at the same step (no rank left waiting)
+        ray.get(group.leader.cancel.remote("c1"))
+        a = group.generate(dict(follow, request_id="c1"))
+        assert a["done"]["finish_reason"] == "cancelled" and a["token_ids"] == []
+        assert group.generate(dict(follow, request_id="c1"))["token_ids"] == b["token_ids"]
         # a donor that one rank lacks is dropped on every rank: the prompt is computed in full
         follower = ray.get(group.leader.followers.remote())[0]
         assert ray.get(follower.drop_segment.remote("d1"))
