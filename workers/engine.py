@@ -303,7 +303,7 @@ class ReuseEngine:
         """Layers first..L-1 for the tokens at ``pos``: a replayed graph for a pooled sequence's
         short passes, else layer by layer."""
         r = self.runner
-        if self._layer_graphs is not None and seq.cache is self._pool and self._layer_graphs.fits(len(pos)):
+        if self._layer_graphs is not None and seq.cache is self._pool and self._layer_graphs.fits(len(pos), n):
             return self._layer_graphs(first, h, pos, n, self._k_pre_pool if seq.k_pre is not None else None)
         p = r.positions(pos, layout, n)
         for l in range(first, r.spec.num_layers):
