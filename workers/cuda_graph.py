@@ -10,6 +10,8 @@ slot is reserved for the captures' warm-up writes.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from workers.kv_cache import KVCache
@@ -17,6 +19,7 @@ from workers.model_runner import LlamaRunner, Positions
 
 
 BUCKET = 1024
+log = logging.getLogger(__name__)
 
 
 class GraphedStep:
@@ -63,7 +66,16 @@ class GraphedStep:
         """Logits [vocab] for ``token`` at ``position``; its K/V land in the pool."""
         keys = self.bucket(position)
         if keys not in self.graphs:
-            self.graphs[keys] = self._capture(keys)
+            try:
+                self.graphs[keys] = self._capture(keys)
+            except Exception as e:  # FlexAttention's decoder did not capture: batched matmuls
+                if not self.runner.flex_decode:
+                    raise
+                log.warning("one-token graph with FlexAttention failed (%s); using matmul attention",
+                            str(e).splitlines()[0][:160])
+                self.runner.flex_decode = False
+                torch.cuda.synchronize(self.runner.device)
+                self.graphs[keys] = self._capture(keys)
         graph, logits = self.graphs[keys]
         if isinstance(token, torch.Tensor):
             self.tok.copy_(token.reshape(1))

@@ -7,6 +7,7 @@ Every mode runs through the same code, so comparisons are one setting apart:
   epic        naive + recompute the first ``epic_tokens`` of every reused run
   cacheblend  layers 0..1 for all tokens; recompute the top r reused tokens by V deviation
   dhd         layers 0..c for all tokens; recompute the top r by attention x V deviation
+cacheblend and dhd recompute at least min(``min_recompute``, candidates) reused tokens.
 DHD decode (``decode_recompute`` = k > 0) recomputes k more reused tokens at each decode step,
 chosen by the new token's attention at the check layer times their prefill deviation.
 """
@@ -39,6 +40,7 @@ class ReuseSettings:
     decode_recompute: int = 3
     epic_tokens: int = 32
     suffix_tokens: int = 1
+    min_recompute: int = 0  # dhd/cacheblend: recompute at least min(this, candidates) reused tokens
 
     def validate(self, num_layers: int) -> None:
         if self.mode not in MODES:
@@ -49,6 +51,9 @@ class ReuseSettings:
             raise InvalidParameterError(f"check_layer must be in [0, {num_layers - 2}], got {self.check_layer}")
         if self.decode_recompute < 0 or self.epic_tokens < 0 or self.suffix_tokens < 1:
             raise InvalidParameterError("decode_recompute and epic_tokens must be >= 0, suffix_tokens >= 1")
+        if isinstance(self.min_recompute, bool) or not isinstance(self.min_recompute, (int, np.integer)) \
+                or self.min_recompute < 0:
+            raise InvalidParameterError(f"min_recompute must be an int >= 0, got {self.min_recompute!r}")
 
 
 @dataclass
@@ -178,6 +183,8 @@ class ReuseEngine:
     def _place(self, seq: Sequence, plan: ReusePlan, ids: np.ndarray, resident: int = 0) -> np.ndarray:
         """Copy donor KV into the cache at the new positions (keys rotated); returns the reused
         positions. The first ``resident`` positions already hold this prompt's exact KV."""
+        if resident and resident >= plan.reused_tokens:  # all of it is in the pool already
+            return np.arange(resident)
         donor_idx, donor_pos, donor_ids = plan.donor_arrays()
         r = self.runner
         placed = [np.arange(resident)]
@@ -240,16 +247,15 @@ class ReuseEngine:
             seq.k_pre = self._k_pre_pool[:, :, :n]  # a fixed address the graphs can write to
         elif keep_segment:
             seq.k_pre = torch.zeros_like(cache.k[:, :, :n])
-        tok = torch.from_numpy(arr).to(r.device, non_blocking=True)
         if plan is None or plan.reused_tokens == 0:
-            logits = self._full(seq, tok)
+            logits = self._full(seq, arr)
         else:
             reused = self._place(seq, plan, arr, resident)
             if st.mode in ("cacheblend", "dhd"):
-                logits = self._checked(seq, tok, reused, st, plan.prefix_len)
+                logits = self._checked(seq, arr, reused, st, plan.prefix_len)
             else:
                 extra = epic_positions(plan, st.epic_tokens) if st.mode == "epic" else []
-                logits = self._subset(seq, tok, reused, extra)
+                logits = self._subset(seq, arr, reused, extra)
         seq.exact_len = n if plan is None or st.mode == "prefix" else plan.prefix_len
         if r.device.type == "cuda":
             torch.cuda.synchronize(r.device)
@@ -269,18 +275,27 @@ class ReuseEngine:
             spans = [s for s in spans if s.new_start == s.donor_start]
         return ReusePlan(n, spans, prefix_len=min(plan.prefix_len, limit), source=plan.source)
 
-    def _full(self, seq: Sequence, tok: torch.Tensor) -> torch.Tensor:
-        r, n = self.runner, len(tok)
-        h = r.embed(tok)
+    def _tokens(self, ids: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(ids)).to(self.runner.device, non_blocking=True)
+
+    def _full(self, seq: Sequence, ids: np.ndarray) -> torch.Tensor:
+        r, n = self.runner, len(ids)
+        h = r.embed(self._tokens(ids))
         p = r.positions(torch.arange(n, device=r.device), "causal", n)
         for l in range(r.spec.num_layers):
             h = r.layer(l, h, p, seq.cache, k_pre_out=seq.k_pre)
         seq.stats.computed_tokens = n
         return r.logits(h[-1:])[0]
 
-    def _subset(self, seq: Sequence, tok: torch.Tensor, reused: np.ndarray, extra: list[int]) -> torch.Tensor:
+    def _subset(self, seq: Sequence, ids: np.ndarray, reused: np.ndarray, extra: list[int]) -> torch.Tensor:
         """naive / epic / prefix: only non-reused tokens (plus ``extra``) run, from layer 0."""
-        r, n = self.runner, len(tok)
+        r, n = self.runner, len(ids)
+        s = seq.stats
+        s.reused_tokens = len(reused)
+        if not extra and len(reused) == n - 1 and reused[-1] == n - 2:  # a prefix hit: one token
+            s.computed_tokens, s.recomputed_tokens, s.flops_fraction = 1, 0, 1 / n
+            if self._graphable(seq):
+                return self._graph_token(seq, int(ids[-1]), n - 1)
         compute = np.ones(n, dtype=bool)  # on the host: no GPU sync to learn the positions
         compute[reused] = False
         n_new = int(compute.sum())
@@ -288,14 +303,12 @@ class ReuseEngine:
             compute[np.asarray(extra)] = True
         pos_np = np.nonzero(compute)[0]
         pos = torch.from_numpy(pos_np).to(r.device, non_blocking=True)
-        s = seq.stats
-        s.reused_tokens, s.computed_tokens = len(reused), n_new
-        s.recomputed_tokens = len(pos) - n_new
-        s.flops_fraction = len(pos) / n
-        if len(pos) == 1 and self._graphable(seq):
-            return self._graph_token(seq, tok[n - 1], n - 1)
+        s.computed_tokens, s.recomputed_tokens = n_new, len(pos_np) - n_new
+        s.flops_fraction = len(pos_np) / n
+        if len(pos_np) == 1 and self._graphable(seq):
+            return self._graph_token(seq, int(ids[-1]), n - 1)
         layout = "tail" if int(pos_np[0]) == n - len(pos_np) else "mask"
-        h = self._layers(seq, r.embed(tok[pos]), pos, 0, n, layout)
+        h = self._layers(seq, r.embed(self._tokens(ids[pos_np])), pos, 0, n, layout)
         return r.logits(h[-1:])[0]
 
     def _layers(self, seq: Sequence, h: torch.Tensor, pos: torch.Tensor, first: int, n: int,
@@ -310,13 +323,13 @@ class ReuseEngine:
             h = r.layer(l, h, p, seq.cache, k_pre_out=seq.k_pre)
         return h
 
-    def _checked(self, seq: Sequence, tok: torch.Tensor, reused: torch.Tensor, st: ReuseSettings,
+    def _checked(self, seq: Sequence, ids: np.ndarray, reused: np.ndarray, st: ReuseSettings,
                  prefix: int) -> torch.Tensor:
         """cacheblend / dhd: tokens after the exact prefix through layers 0..c, then a subset.
 
         The exact prefix (same tokens, same positions, same history) is already exact KV: it is
         neither run through layers 0..c nor a candidate for recomputation."""
-        r, n = self.runner, len(tok)
+        r, n = self.runner, len(ids)
         c = 1 if st.mode == "cacheblend" else st.check_layer
         L = r.spec.num_layers
         slot_c = r.kv_slot[c]
@@ -326,16 +339,16 @@ class ReuseEngine:
         must_pos = torch.from_numpy(np.nonzero(must_np)[0]).to(r.device, non_blocking=True)
         v_reused = seq.cache.v[slot_c][:, cand].clone()
         p_all = r.positions(torch.arange(prefix, n, device=r.device), "causal" if prefix == 0 else "tail", n)
-        h = r.embed(tok[prefix:])
+        h = r.embed(self._tokens(ids[prefix:]))
         for l in range(c):
             h = r.layer(l, h, p_all, seq.cache, k_pre_out=seq.k_pre)
         h, q = r.layer(c, h, p_all, seq.cache, k_pre_out=seq.k_pre, want_q=True)
         dev = r.all_reduce(v_deviation(seq.cache.v[slot_c][:, cand], v_reused))  # all KV heads under TP
         if st.mode == "dhd":
             attn = r.attention_received(q[:, must_pos - prefix], seq.cache.k[slot_c, :, :n], must_pos, n)
-            chosen = select_dhd_tokens(attn[cand], dev, st.recompute_ratio)
+            chosen = select_dhd_tokens(attn[cand], dev, st.recompute_ratio, st.min_recompute)
         else:
-            chosen = select_cacheblend_tokens(dev, st.recompute_ratio)
+            chosen = select_cacheblend_tokens(dev, st.recompute_ratio, st.min_recompute)
         sel = torch.cat([must_pos, cand[chosen]]).sort().values  # sizes known: no GPU sync
         if st.decode_recompute > 0 and st.mode == "dhd":
             compute = torch.zeros(n, dtype=torch.bool, device=r.device)

@@ -85,6 +85,7 @@ class LlamaRunner:
         # (guards on dynamic shapes) is paid once at capture instead of on every pass
         self.fuse = self.device.type == "cuda" and fused.ENABLED
         self._fusing = False
+        self.flex_decode = True  # one-token graph steps attend through FlexAttention's decoder
         self._set_slots()
         self.fingerprint = self._fingerprint()
 
@@ -206,7 +207,15 @@ class LlamaRunner:
             mask = p.dense_mask(self)
             if q.is_cuda and m == 1 and p.layout == "mask":
                 # the CUDA-graph step: SDPA kernels parallelize over query blocks, which a single
-                # token does not have (8 CTAs on 132 SMs); batched matmuls spread over the keys
+                # token does not have (8 CTAs on 132 SMs). FlexAttention's decoding kernel splits
+                # the keys instead, and its block mask, computed from the position tensor inside
+                # the graph, skips the blocks past the token; else batched matmuls over the keys
+                if self._fusing and self.use_flex and self.flex_decode:
+                    if p.block_mask is None:
+                        p.block_mask = by_position_block_mask(p.pos, k.shape[1])
+                    o = _flex()(q[None], k[None], v[None], block_mask=p.block_mask, scale=self.scale,
+                                enable_gqa=g > 1)[0]
+                    return o.transpose(0, 1).reshape(1, -1)
                 o = self._attend_one(qf, k, v, mask)
                 return o.reshape(s.num_heads, 1, s.head_dim).transpose(0, 1).reshape(1, -1)
             if q.is_cuda and sdpa_kernel is not None and g * m <= SMALL_QUERY:

@@ -161,3 +161,16 @@ def test_graphed_upper_pass_matches_eager():
         sa, sb = eager.segment_of(a, "x"), pooled.segment_of(b, "y")
         assert torch.allclose(sa.keys, sb.keys, atol=2e-3) and torch.allclose(sa.values, sb.values, atol=2e-3)
     assert len(pooled._layer_graphs.graphs) == 2
+
+
+def test_graph_step_flex_decoder_matches_matmul_attention():
+    r = _runner(True)
+    ids = torch.randint(0, SPEC.vocab_size, (700,)).tolist()
+    outs = {}
+    for flex in (False, True):
+        r.flex_decode = flex
+        eng = ReuseEngine(r, InMemorySegmentStore(), static_tokens=2048)
+        res, _ = eng.generate(ids, None, 10, settings=ReuseSettings(mode="full"))
+        outs[flex] = res.token_ids
+    assert r.flex_decode, "the FlexAttention decoder fell back to matmuls"
+    assert outs[True] == outs[False]
