@@ -15,6 +15,13 @@ and generated greedily with every mode:
     cacheblend@0.15   top 15% of reused tokens by V deviation at layer 1
     dhd@0.15          top 15% by attention x V deviation (DHD prefill only)
     dhd@0.15+dec3     the same + 3 reused tokens recomputed per decode step (DHD decode)
+    cacheblend@0.15+min16, dhd@0.15+min16
+                      the same with a minimum recompute budget: at least min(16, candidates)
+                      reused tokens recomputed (ReuseSettings.min_recompute; candidates are the
+                      reused tokens after the exact prefix, so a long prefix leaves r * few)
+    dhd@0.15,c=3      DHD with deviation and attention measured at layer 3 instead of 1
+    dhd@0.15,c=3+min16  both
+The baselines set min_recompute=0 explicitly, whatever ReuseSettings' default is.
 
 Metrics per mode (means over follow-ups, and per kind): token reuse rate = cached tokens /
 prompt tokens (reused and not recomputed); ROUGE-L (on token ids) and exact match of the
@@ -65,26 +72,42 @@ from workers.segments import InMemorySegmentStore  # noqa: E402
 KINDS = ("reordered_documents", "changed_instruction", "inserted_sentences", "conversation", "faq")
 RESULTS = Path(__file__).resolve().parent / "results"
 MAIN_R = 0.15
+MIN_BUDGET = 16  # the min_recompute of the "+min16" variants
+DEEP_C = 3  # the check layer of the ",c=3" variants
 
 
 def main_modes(r: float = MAIN_R) -> list[tuple[str, ReuseSettings]]:
     """(label, settings) of the modes every follow-up runs; "full" first (the reference)."""
+    m, c = MIN_BUDGET, DEEP_C
     return [
         ("full", ReuseSettings(mode="full", decode_recompute=0)),
         ("prefix", ReuseSettings(mode="prefix", decode_recompute=0)),
         ("naive", ReuseSettings(mode="naive", recompute_ratio=0.0, decode_recompute=0)),
         ("epic", ReuseSettings(mode="epic", recompute_ratio=0.0, decode_recompute=0)),
-        (f"cacheblend@{r:g}", ReuseSettings(mode="cacheblend", recompute_ratio=r, decode_recompute=0)),
-        (f"dhd@{r:g}", ReuseSettings(mode="dhd", recompute_ratio=r, check_layer=1, decode_recompute=0)),
-        (f"dhd@{r:g}+dec3", ReuseSettings(mode="dhd", recompute_ratio=r, check_layer=1, decode_recompute=3)),
+        (f"cacheblend@{r:g}", ReuseSettings(mode="cacheblend", recompute_ratio=r, decode_recompute=0,
+                                            min_recompute=0)),
+        (f"dhd@{r:g}", ReuseSettings(mode="dhd", recompute_ratio=r, check_layer=1, decode_recompute=0,
+                                     min_recompute=0)),
+        (f"dhd@{r:g}+dec3", ReuseSettings(mode="dhd", recompute_ratio=r, check_layer=1, decode_recompute=3,
+                                          min_recompute=0)),
+        (f"cacheblend@{r:g}+min{m}", ReuseSettings(mode="cacheblend", recompute_ratio=r, decode_recompute=0,
+                                                   min_recompute=m)),
+        (f"dhd@{r:g}+min{m}", ReuseSettings(mode="dhd", recompute_ratio=r, check_layer=1, decode_recompute=0,
+                                            min_recompute=m)),
+        (f"dhd@{r:g},c={c}", ReuseSettings(mode="dhd", recompute_ratio=r, check_layer=c, decode_recompute=0,
+                                           min_recompute=0)),
+        (f"dhd@{r:g},c={c}+min{m}", ReuseSettings(mode="dhd", recompute_ratio=r, check_layer=c,
+                                                  decode_recompute=0, min_recompute=m)),
     ]
 
 
 def sweep_modes(ratios: list[float]) -> list[tuple[str, ReuseSettings]]:
     out = []
     for r in ratios:
-        out.append((f"cacheblend@{r:g}", ReuseSettings(mode="cacheblend", recompute_ratio=r, decode_recompute=0)))
-        out.append((f"dhd@{r:g}", ReuseSettings(mode="dhd", recompute_ratio=r, check_layer=1, decode_recompute=0)))
+        out.append((f"cacheblend@{r:g}", ReuseSettings(mode="cacheblend", recompute_ratio=r, decode_recompute=0,
+                                                       min_recompute=0)))
+        out.append((f"dhd@{r:g}", ReuseSettings(mode="dhd", recompute_ratio=r, check_layer=1, decode_recompute=0,
+                                                min_recompute=0)))
     return out
 
 
@@ -117,6 +140,8 @@ def run_followup(engine: ReuseEngine, tok, fam_idx: int, fu_idx: int, kind: str,
             "family": fam_idx, "followup": fu_idx, "kind": kind, "mode": label, "base_mode": st.mode,
             "r": st.recompute_ratio if st.mode in ("cacheblend", "dhd") else None,
             "decode_recompute": st.decode_recompute if st.mode == "dhd" else 0,
+            "min_recompute": st.min_recompute if st.mode in ("cacheblend", "dhd") else 0,
+            "check_layer": (1 if st.mode == "cacheblend" else st.check_layer) if st.mode in ("cacheblend", "dhd") else None,
             "prompt_tokens": n, "donor_tokens": len(donor_ids),
             "plan_reuse_rate": plan.reuse_rate, "plan_prefix_len": plan.prefix_len,
             "reused_tokens": res.reused_tokens, "recomputed_tokens": res.recomputed_tokens,
@@ -154,8 +179,8 @@ def sanity_checks(engine: ReuseEngine, ids: list[int], donor_id: str) -> dict:
     full, _ = engine.generate(ids, None, 1, settings=ReuseSettings(mode="full", decode_recompute=0))
     out = {"prompt_tokens": len(ids), "plan_reuse_rate": plan.reuse_rate}
     for label, st in [("naive", ReuseSettings(mode="naive", decode_recompute=0)),
-                      ("cacheblend@0.15", ReuseSettings(mode="cacheblend", decode_recompute=0)),
-                      ("dhd@0.15", ReuseSettings(mode="dhd", decode_recompute=0))]:
+                      ("cacheblend@0.15", ReuseSettings(mode="cacheblend", decode_recompute=0, min_recompute=0)),
+                      ("dhd@0.15", ReuseSettings(mode="dhd", decode_recompute=0, min_recompute=0))]:
         res, _ = engine.generate(ids, plan, 1, settings=st)
         out[label] = {"kl_first": kl_divergence(full.first_logits, res.first_logits),
                       "max_abs_logit_diff": float((full.first_logits - res.first_logits).abs().max()),
@@ -229,7 +254,11 @@ def findings(records: list[dict], main_r: float, ratios: list[float]) -> list[di
     out: list[dict] = []
     metrics = (("rouge_l", True), ("kl_first", False), ("prefix_match", True))
     cb, dh = f"cacheblend@{main_r:g}", f"dhd@{main_r:g}"
-    chain = [("full", dh), (dh, cb), (cb, "naive"), (f"{dh}+dec3", dh), (dh, "epic"), ("prefix", dh)]
+    mn, deep = f"+min{MIN_BUDGET}", f",c={DEEP_C}"
+    chain = [("full", dh), (dh, cb), (cb, "naive"), (f"{dh}+dec3", dh), (dh, "epic"), ("prefix", dh),
+             # the variants: minimum recompute budget, deeper check layer
+             (dh + mn, dh), (cb + mn, cb), (dh + mn, cb + mn), (dh + deep, dh), (dh + deep + mn, dh + mn),
+             (dh + mn, "epic")]
     for a, b in chain:
         for metric, hb in metrics:
             if a.endswith("+dec3") and metric == "kl_first":
@@ -239,7 +268,7 @@ def findings(records: list[dict], main_r: float, ratios: list[float]) -> list[di
                 out.append(f)
     # Per kind, the headline chain on ROUGE-L only (few follow-ups per kind: indicative).
     for kind, recs in sorted(group(records, "kind").items()):
-        for a, b in ((dh, cb), (cb, "naive"), (f"{dh}+dec3", dh)):
+        for a, b in ((dh, cb), (cb, "naive"), (f"{dh}+dec3", dh), (dh + mn, dh), (dh + deep, dh)):
             f = check_order(recs, a, b, "rouge_l", True, f"kind={kind}")
             if f:
                 out.append(f)
@@ -261,9 +290,36 @@ def findings(records: list[dict], main_r: float, ratios: list[float]) -> list[di
     return out
 
 
-def findings_text(fs: list[dict], per_mode: dict, main_r: float) -> list[str]:
+def variant_effects(records: list[dict], main_r: float) -> list[dict]:
+    """For each variant: on how many follow-ups it recomputed other tokens than its base, and the
+    paired ROUGE-L / KL difference on those (elsewhere the output is the base's by construction
+    for +min; a deeper check layer changes the selection everywhere)."""
     cb, dh = f"cacheblend@{main_r:g}", f"dhd@{main_r:g}"
-    chain = [m for m in ("full", f"{dh}+dec3", dh, cb, "epic", "naive") if m in per_mode]
+    mn, deep = f"+min{MIN_BUDGET}", f",c={DEEP_C}"
+    by = {(r["family"], r["followup"], r["mode"]): r for r in records}
+    out = []
+    for var, base in ((dh + mn, dh), (cb + mn, cb), (dh + deep, dh), (dh + deep + mn, dh)):
+        keys = sorted({(f, u) for f, u, m in by if m == var} & {(f, u) for f, u, m in by if m == base})
+        if not keys:
+            continue
+        changed = [k for k in keys if by[(*k, var)]["recomputed_tokens"] != by[(*k, base)]["recomputed_tokens"]]
+        def mean(ks, metric, mode):
+            return float(np.mean([by[(*k, mode)][metric] for k in ks])) if ks else float("nan")
+        out.append({"variant": var, "base": base, "n": len(keys), "n_more_recomputed": len(changed),
+                    "extra_recomputed_mean": mean(keys, "recomputed_tokens", var) - mean(keys, "recomputed_tokens", base),
+                    "rouge_l_changed": [mean(changed, "rouge_l", base), mean(changed, "rouge_l", var)],
+                    "kl_first_changed": [mean(changed, "kl_first", base), mean(changed, "kl_first", var)],
+                    "flops_saved": [mean(keys, "flops_saved", base), mean(keys, "flops_saved", var)],
+                    "changed": [list(k) + [by[(*k, base)]["kind"], by[(*k, base)]["recomputed_tokens"],
+                                           by[(*k, var)]["recomputed_tokens"]] for k in changed]})
+    return out
+
+
+def findings_text(fs: list[dict], per_mode: dict, main_r: float, effects: list[dict] | None = None) -> list[str]:
+    cb, dh = f"cacheblend@{main_r:g}", f"dhd@{main_r:g}"
+    mn, deep = f"+min{MIN_BUDGET}", f",c={DEEP_C}"
+    chain = [m for m in ("full", f"{dh}+dec3", dh + deep + mn, dh + deep, dh + mn, dh, cb + mn, cb, "epic", "naive")
+             if m in per_mode]
     lines = ["Full compute is the reference, so 'full >= x' holds by construction (ROUGE-L 1, KL 0); "
              "the orderings that can fail are dhd >= cacheblend >= naive (at equal r).",
              "Mean ROUGE-L / first-token KL at r=%g: " % main_r
@@ -277,6 +333,18 @@ def findings_text(fs: list[dict], per_mode: dict, main_r: float) -> list[str]:
     lines.append(f"{len(fs) - len(bad)} of {len(fs)} ordering checks hold; these do NOT:" if bad
                  else f"all {len(fs)} ordering checks hold.")
     lines += ["  " + f["text"] for f in bad]
+    for e in effects or []:
+        if e["variant"].endswith(mn) and e["n_more_recomputed"] == 0:
+            lines.append(f"{e['variant']} vs {e['base']}: the same tokens recomputed on all {e['n']} follow-ups")
+        elif e["variant"].endswith(mn):
+            lines.append(f"{e['variant']} vs {e['base']}: more tokens recomputed on {e['n_more_recomputed']} of "
+                         f"{e['n']} follow-ups (mean +{e['extra_recomputed_mean']:.1f} tokens, FLOPs saved "
+                         f"{e['flops_saved'][0]:.3f} -> {e['flops_saved'][1]:.3f}); on those, ROUGE-L "
+                         f"{e['rouge_l_changed'][0]:.3f} -> {e['rouge_l_changed'][1]:.3f}, first-token KL "
+                         f"{e['kl_first_changed'][0]:.4f} -> {e['kl_first_changed'][1]:.4f}")
+        else:
+            lines.append(f"{e['variant']} vs {e['base']}: FLOPs saved {e['flops_saved'][0]:.3f} -> "
+                         f"{e['flops_saved'][1]:.3f} (layers 0..{DEEP_C} for every token after the prefix)")
     return lines
 
 
@@ -302,11 +370,11 @@ def machine_info() -> dict:
 
 
 def table(rows: list[tuple[str, dict]], title: str) -> list[str]:
-    hdr = (f"{'mode':<18}{'n':>4}{'reuse':>8}{'ROUGE-L':>9}{'exact':>7}{'prefix':>8}{'KL first':>10}"
+    hdr = (f"{'mode':<22}{'n':>4}{'reuse':>8}{'ROUGE-L':>9}{'exact':>7}{'prefix':>8}{'KL first':>10}"
            f"{'top1':>6}{'FLOPs saved':>12}{'TTFT s':>8}")
     lines = [title, hdr, "-" * len(hdr)]
     for label, a in rows:
-        lines.append(f"{label:<18}{a['n']:>4}{a['reuse_rate']:>8.3f}{a['rouge_l']:>9.3f}{a['exact']:>7.2f}"
+        lines.append(f"{label:<22}{a['n']:>4}{a['reuse_rate']:>8.3f}{a['rouge_l']:>9.3f}{a['exact']:>7.2f}"
                      f"{a['prefix_match']:>8.3f}{a['kl_first']:>10.4f}{a['top1_first']:>6.2f}"
                      f"{a['flops_saved']:>12.3f}{a['ttft_s']:>8.2f}")
     return lines
@@ -320,7 +388,8 @@ def plot(path: Path, per_mode: dict, mode_order: list[str], sweep: dict, ratios:
     fig, ax = plt.subplots(2, 2, figsize=(13, 9))
     labels = [m for m in mode_order if m in per_mode]
     x = np.arange(len(labels))
-    colors = ["#555555", "#8c564b", "#d62728", "#ff7f0e", "#1f77b4", "#2ca02c", "#17becf"][:len(labels)]
+    colors = ["#555555", "#8c564b", "#d62728", "#ff7f0e", "#1f77b4", "#2ca02c", "#17becf",
+              "#aec7e8", "#98df8a", "#9467bd", "#c5b0d5"][:len(labels)]
     ax[0, 0].bar(x, [per_mode[m]["rouge_l"] for m in labels], yerr=[per_mode[m]["rouge_l_sem"] for m in labels],
                  color=colors, capsize=3)
     for xi, m in zip(x, labels):
@@ -474,7 +543,8 @@ def main(argv=None) -> dict:
     sweep_labels = ["naive", "epic", "full"] + [lab for lab, _ in sweep_modes(args.ratio_list)]
     sweep = {m: aggregate(rs) for m, rs in group(sweep_recs, "mode").items() if m in sweep_labels}
     fs = findings(records, MAIN_R, args.ratio_list)
-    ftext = findings_text(fs, per_mode, MAIN_R)
+    effects = variant_effects(records, MAIN_R)
+    ftext = findings_text(fs, per_mode, MAIN_R, effects)
 
     info["loadavg_end"] = list(os.getloadavg())
     result = {
@@ -486,7 +556,8 @@ def main(argv=None) -> dict:
         "config": {"model": args.model, "model_fingerprint": runner.fingerprint, "families": args.families,
                    "followups_per_family": args.followups, "kinds": args.kind_list, "seed": args.seed,
                    "max_chars": args.max_chars, "max_new_tokens": args.max_new, "decoding": "greedy",
-                   "align_min_run": 4, "check_layer": 1, "main_r": MAIN_R, "sweep_ratios": args.ratio_list,
+                   "align_min_run": 4, "check_layer": 1, "main_r": MAIN_R, "min_budget": MIN_BUDGET,
+                   "deep_check_layer": DEEP_C, "sweep_ratios": args.ratio_list,
                    "sweep_families": args.sweep_families, "threads": args.threads, "quick": args.quick,
                    "modes": {lab: vars(st) if hasattr(st, "__dict__") else str(st) for lab, st in modes + extra},
                    "prompt_format": "chat template with add_generation_prompt=True; text prompts as one user message",
@@ -502,6 +573,7 @@ def main(argv=None) -> dict:
         "sanity_self_reuse": sanity,
         "findings": ftext,
         "findings_detail": fs,
+        "variant_effects": effects,
         "records": records,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

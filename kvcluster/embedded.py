@@ -57,7 +57,8 @@ class EmbeddedCluster:
         self.fingerprint: str = runner.fingerprint
         self.settings = ReuseSettings(mode=cfg.reuse.mode, recompute_ratio=cfg.reuse.recompute_ratio,
                                       check_layer=cfg.reuse.check_layer, decode_recompute=cfg.reuse.decode_recompute,
-                                      epic_tokens=cfg.reuse.epic_tokens, suffix_tokens=cfg.reuse.suffix_tokens)
+                                      epic_tokens=cfg.reuse.epic_tokens, suffix_tokens=cfg.reuse.suffix_tokens,
+                                      min_recompute=cfg.reuse.min_recompute)
         try:
             self.settings.validate(runner.spec.num_layers)
         except InvalidParameterError as e:

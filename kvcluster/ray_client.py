@@ -203,7 +203,7 @@ class RayCluster:
             cfg = cfg.model_copy(update={"tiers": cfg.tiers.model_copy(update={"redis_prefix": redis_prefix})})
         self.config = cfg
         reuse = {k: getattr(cfg.reuse, k) for k in ("mode", "recompute_ratio", "check_layer", "decode_recompute",
-                                                    "epic_tokens", "suffix_tokens")}
+                                                    "epic_tokens", "suffix_tokens", "min_recompute")}
         ray.get([h.reset.remote({"reuse": reuse, "redis_prefix": cfg.tiers.redis_prefix})
                  for h in self.handles.values()])
         if self.index_actor is not None:

@@ -11,21 +11,31 @@ def v_deviation(v_fresh: torch.Tensor, v_reused: torch.Tensor) -> torch.Tensor:
     return (v_fresh.float() - v_reused.float()).abs().sum(dim=(0, 2))
 
 
-def top_ratio(scores: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Indices (into ``scores``) of the round(ratio * len) highest scores."""
-    k = int(round(ratio * scores.numel()))
+def recompute_budget(candidates: int, ratio: float, min_tokens: int = 0) -> int:
+    """How many of ``candidates`` reused tokens to recompute: round(ratio * candidates), but at
+    least min(min_tokens, candidates). The floor matters when few candidates are left after a
+    long exact prefix (a reworded last chat turn: 16 candidates at r = .15 give 2)."""
+    if candidates <= 0:
+        return 0
+    return min(candidates, max(int(round(ratio * candidates)), min_tokens))
+
+
+def top_ratio(scores: torch.Tensor, ratio: float, min_tokens: int = 0) -> torch.Tensor:
+    """Indices (into ``scores``) of the ``recompute_budget`` highest scores."""
+    k = recompute_budget(scores.numel(), ratio, min_tokens)
     if k <= 0:
         return torch.empty(0, dtype=torch.long, device=scores.device)
-    return torch.topk(scores, min(k, scores.numel())).indices
+    return torch.topk(scores, k).indices
 
 
-def select_dhd_tokens(attention: torch.Tensor, deviation: torch.Tensor, ratio: float) -> torch.Tensor:
+def select_dhd_tokens(attention: torch.Tensor, deviation: torch.Tensor, ratio: float,
+                      min_tokens: int = 0) -> torch.Tensor:
     """Dual-High Deviation: tokens both attended to and deviating; indices into the reused set."""
-    return top_ratio(attention * deviation, ratio)
+    return top_ratio(attention * deviation, ratio, min_tokens)
 
 
-def select_cacheblend_tokens(deviation: torch.Tensor, ratio: float) -> torch.Tensor:
-    return top_ratio(deviation, ratio)
+def select_cacheblend_tokens(deviation: torch.Tensor, ratio: float, min_tokens: int = 0) -> torch.Tensor:
+    return top_ratio(deviation, ratio, min_tokens)
 
 
 def epic_positions(plan: ReusePlan, first_k: int) -> list[int]:

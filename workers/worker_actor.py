@@ -109,7 +109,7 @@ class WorkerOptions:
         """From a KVClusterConfig (read by attribute: workers do not import kvcluster)."""
         m, r, t = cfg.model, cfg.reuse, cfg.tiers
         reuse = {k: getattr(r, k) for k in ("mode", "recompute_ratio", "check_layer", "decode_recompute",
-                                            "epic_tokens", "suffix_tokens")}
+                                            "epic_tokens", "suffix_tokens", "min_recompute")}
         opts = cls(model=m.name, gguf_file=m.gguf_file, dtype=m.dtype, device=m.device,
                    max_context=m.max_context, kv_sharing_strategy=m.kv_sharing_strategy, reuse=reuse,
                    block_tokens=t.block_tokens, gpu_bytes=t.gpu_bytes, host_bytes=t.host_bytes,

@@ -75,7 +75,7 @@ def test_every_config_key_passes_through(tmp_path: Path) -> None:
                   "max_context": 8192, "kv_sharing_strategy": "/models/qwen2/kvsharer.json",
                   "tensor_parallel_size": 2},
         "reuse": {"mode": "cacheblend", "recompute_ratio": 0.3, "check_layer": 2, "decode_recompute": 0,
-                  "min_run": 8, "epic_tokens": 16, "suffix_tokens": 2},
+                  "min_run": 8, "epic_tokens": 16, "suffix_tokens": 2, "min_recompute": 24},
         "index": {"collection": "segs", "top_k": 8, "min_score": -0.5, "block_tokens": 32},
         "tiers": {"block_tokens": 32, "gpu_bytes": 80 << 30, "host_bytes": 512 << 30, "redis_prefix": "p:",
                   "redis_ttl_s": 60, "max_block_bytes": 1 << 30},
