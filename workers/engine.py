@@ -140,7 +140,7 @@ class ReuseEngine:
             arr = token_ids
         elif isinstance(token_ids, (list, tuple)):
             try:  # with the dtype given, numpy skips type inference: 2x faster on long lists
-                arr = np.array(token_ids, dtype=np.int64)
+                arr = np.fromiter(token_ids, dtype=np.int64, count=len(token_ids))
             except (TypeError, ValueError, OverflowError):
                 arr = None
         if arr is None or arr.ndim != 1 or arr.dtype.kind not in "iu":

@@ -211,6 +211,7 @@ class LlamaRunner:
                 # the keys instead, and its block mask, computed from the position tensor inside
                 # the graph, skips the blocks past the token; else batched matmuls over the keys
                 if self._fusing and self.use_flex and self.flex_decode:
+                    k, v = _whole_rows(k), _whole_rows(v)  # strided K/V would be copied each layer
                     if p.block_mask is None:
                         p.block_mask = by_position_block_mask(p.pos, k.shape[1])
                     o = _flex()(q[None], k[None], v[None], block_mask=p.block_mask, scale=self.scale,
@@ -304,6 +305,15 @@ class LlamaRunner:
         cache.length = n
         h = self.forward(token_ids, torch.arange(n, device=self.device), cache, "causal")
         return self.logits(h)
+
+
+def _whole_rows(x: torch.Tensor) -> torch.Tensor:
+    """[H, n, d], the first n rows of a contiguous [H, capacity, d] cache slot -> the whole slot
+    (contiguous). The block mask hides the rows past the token, so they cost nothing."""
+    if x.is_contiguous():
+        return x
+    cap = x.stride(0) // x.stride(1)
+    return x.as_strided((x.shape[0], cap, x.shape[2]), x.stride())
 
 
 def padded_causal(layout: str, m: int, n: int) -> bool:
