@@ -1,10 +1,20 @@
 """TCP channel: an asyncio server that serves (and accepts) many blocks per message.
 
 Framing is transport/message.py: a fixed prefix with lengths, a msgpack header, then the raw
-blocks. Both sides move bytes with socket send/recv_into on memoryviews (``loop.sock_*`` in
-asyncio), not StreamReader: StreamReader copies every byte twice through its internal buffer,
-which halves throughput on large blocks. A connection that drops mid-message raises
-``ChannelClosed``; a partially received message is never handed to anyone.
+blocks. Both sides move bytes with socket ``sendmsg``/``recv_into`` on memoryviews (``loop.sock_*``
+in asyncio), not StreamReader: StreamReader copies every byte twice through its internal buffer,
+which halves throughput on large blocks. A message is sent as one gather list (prefix+header,
+then the blocks' own buffers, never joined) and received into one buffer per message; the
+blocks handed out are memoryview slices of it.
+
+Receivers verify every block while it arrives (transport/verify.py: header checks and the
+payload's xxh64, chunk by chunk on bytes still in the CPU cache), and mark the buffers they hand
+out as verified (``channel_verified``), so that the TieredStore does not hash them again. A
+block that fails is counted (``corrupt``) and handed out as a plain copy of its bytes, unmarked:
+whoever decodes it sees the failure and counts it where it always has (the TieredStore's peer
+stats), and it is never used. The server drops failed blocks of a push (the sink never sees
+them). ``verify=False`` turns verification off (for benchmarks). A connection that drops mid-message raises ``ChannelClosed``; a partially received
+message is never handed to anyone.
 
 Requests: {"op": "get", keys} -> {"op": "blocks", keys, sizes} + blocks;
           {"op": "put", keys, sizes} + blocks -> {"op": "ok"}.
@@ -13,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import socket
 import threading
 from typing import Callable, Sequence
@@ -22,12 +33,15 @@ import numpy as np
 from transport.errors import ChannelClosed, ChannelError, ChannelTimeout, ProtocolError
 from transport.message import (DEFAULT_MAX_BODY_BYTES, PREFIX, pack_message, parse_header,
                                parse_prefix, split_body)
+from transport.verify import BodyVerifier, channel_verified, verified_empty
 
 log = logging.getLogger(__name__)
 
 Source = Callable[[list[str]], Sequence[object | None]]
 Sink = Callable[[list[tuple[str, memoryview]]], None]
 SOCK_BUF = 4 << 20  # large kernel buffers: fewer wakeups per MiB
+RECV_CHUNK = 1 << 20  # bytes per recv_into: the verifier hashes each chunk while it is in cache
+_IOV_MAX = 512  # buffers per sendmsg call (Linux allows 1024)
 
 
 def _tune(sock: socket.socket) -> None:
@@ -37,43 +51,118 @@ def _tune(sock: socket.socket) -> None:
 
 
 # -- asyncio side -----------------------------------------------------------------------------
-async def _arecv_into(loop, sock, mv: memoryview) -> None:
+def _new_body(body_len: int, verify: bool) -> np.ndarray:
+    # not bytearray: that zero-fills first
+    return verified_empty(body_len) if verify else np.empty(body_len, dtype=np.uint8)
+
+
+def _blocks_of(header: dict, body, verifier: BodyVerifier | None) -> tuple[list, int]:
+    """The body's blocks as views (None where the sender had none); a block that failed as a
+    plain unmarked copy (decoding it fails); and how many failed."""
+    blocks = split_body(header, body)
+    if verifier is None:
+        return blocks, 0
+    bad = verifier.finish()
+    if not verifier.done:  # cannot happen with a well-formed header: be safe anyway
+        raise ProtocolError("message body ended in the middle of a block")
+    for i in bad:
+        blocks[i] = bytes(blocks[i])
+    if bad:
+        log.warning("discarded %d corrupt block(s) of a message", len(bad))
+    return blocks, len(bad)
+
+
+def _advance(parts: list[memoryview], sent: int) -> list[memoryview]:
+    """Drop ``sent`` bytes from the front of a gather list."""
+    i = 0
+    while i < len(parts) and sent >= parts[i].nbytes:
+        sent -= parts[i].nbytes
+        i += 1
+    parts = parts[i:]
+    if sent:
+        parts[0] = parts[0][sent:]
+    return parts
+
+
+def _gather(parts: Sequence[object]) -> list[memoryview]:
+    views = [memoryview(p).cast("B") for p in parts]
+    return [v for v in views if v.nbytes]
+
+
+def _timeout_ctx(timeout: float | None):
+    # asyncio.timeout (3.11+) does not wrap the body in a new task as wait_for does
+    return asyncio.timeout(timeout) if hasattr(asyncio, "timeout") else None
+
+
+async def _with_timeout(coro, timeout: float | None):
+    ctx = _timeout_ctx(timeout)
+    if ctx is None:
+        return await asyncio.wait_for(coro, timeout)
+    async with ctx:
+        return await coro
+
+
+async def _arecv_into(loop, sock, mv: memoryview, feed=None) -> None:
     got = 0
     while got < mv.nbytes:
-        n = await loop.sock_recv_into(sock, mv[got:])
+        n = await loop.sock_recv_into(sock, mv[got:got + RECV_CHUNK])
         if n == 0:
             raise ChannelClosed(f"connection closed after {got} of {mv.nbytes} B")
         got += n
+        if feed is not None:
+            feed(got)
 
 
 async def arecv_message(loop, sock, max_body_bytes: int, first_byte_timeout: float | None,
-                        timeout: float | None) -> tuple[dict, list[memoryview | None]] | None:
-    """One message, or None on a clean close between messages."""
+                        timeout: float | None, verify: bool = True
+                        ) -> tuple[dict, list[memoryview | None], int] | None:
+    """One message as (header, blocks, number of blocks that failed verification), or None on a
+    clean close between messages."""
     prefix = bytearray(PREFIX.size)
     mv = memoryview(prefix)
-    n = await asyncio.wait_for(loop.sock_recv_into(sock, mv), first_byte_timeout)
+    n = await _with_timeout(loop.sock_recv_into(sock, mv), first_byte_timeout)
     if n == 0:
         return None
 
-    async def rest() -> tuple[dict, list]:
+    async def rest() -> tuple[dict, list, int]:
         await _arecv_into(loop, sock, mv[n:])
         hlen, hhash, body_len = parse_prefix(prefix, max_body_bytes)
         raw = bytearray(hlen)
         await _arecv_into(loop, sock, memoryview(raw))
         header = parse_header(raw, hhash, body_len)
-        body = np.empty(body_len, dtype=np.uint8)  # not bytearray: that zero-fills first
-        await _arecv_into(loop, sock, memoryview(body))
-        return header, split_body(header, body)
+        body = _new_body(body_len, verify)
+        verifier = BodyVerifier(body, header["sizes"]) if verify else None
+        await _arecv_into(loop, sock, memoryview(body),
+                          None if verifier is None else verifier.feed)
+        return (header, *_blocks_of(header, body, verifier))
 
     try:
-        return await asyncio.wait_for(rest(), timeout)
+        return await _with_timeout(rest(), timeout)
     except asyncio.TimeoutError:
         raise ChannelTimeout("peer stalled in the middle of a message") from None
 
 
-async def asend_message(loop, sock, parts: Sequence[memoryview]) -> None:
-    for p in parts:
-        await loop.sock_sendall(sock, p)
+async def _writable(loop, sock) -> None:
+    fut = loop.create_future()
+    fd = sock.fileno()
+    loop.add_writer(fd, lambda: fut.done() or fut.set_result(None))
+    try:
+        await fut
+    finally:
+        loop.remove_writer(fd)
+
+
+async def asend_message(loop, sock, parts: Sequence[object]) -> None:
+    """Send a gather list with sendmsg (no joining, few syscalls), waiting while the socket is full."""
+    parts = _gather(parts)
+    while parts:
+        try:
+            sent = sock.sendmsg(parts[:_IOV_MAX])
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        parts = _advance(parts, sent)
+        if parts:
+            await _writable(loop, sock)
 
 
 class TCPServer:
@@ -81,8 +170,10 @@ class TCPServer:
 
     def __init__(self, source: Source | None = None, sink: Sink | None = None,
                  host: str = "127.0.0.1", port: int = 0, timeout_s: float = 30.0,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, verify: bool = True) -> None:
         self.source, self.sink = source, sink
+        self.verify = verify  # pushed blocks: the sink gets only verified ones
+        self.corrupt = 0
         self.host, self.port = host, port
         self.timeout_s = timeout_s
         self.max_body_bytes = max_body_bytes
@@ -116,27 +207,35 @@ class TCPServer:
         loop = self._loop
         try:
             while True:
-                msg = await arecv_message(loop, conn, self.max_body_bytes, None, self.timeout_s)
+                msg = await arecv_message(loop, conn, self.max_body_bytes, None, self.timeout_s,
+                                          verify=self.verify)
                 if msg is None:
                     return
-                reply = await self._handle(*msg)
-                await asyncio.wait_for(asend_message(loop, conn, reply), self.timeout_s)
+                self.corrupt += msg[2]
+                # The source may encode GPU blocks, so it runs off the event loop; the same
+                # thread sends the reply, so the client gets its first byte without waiting
+                # for the event loop to be woken up in between.
+                await loop.run_in_executor(None, self._reply, conn, msg[0], msg[1])
         except (ChannelError, OSError, asyncio.TimeoutError) as e:
             log.debug("tcp connection dropped: %s", e)
         finally:
             conn.close()
 
-    async def _handle(self, header: dict, blocks: list) -> list[memoryview]:
+    def _handle(self, header: dict, blocks: list) -> list[memoryview]:
         op, keys = header["op"], header["keys"]
         if op == "get" and self.source is not None:
-            # the source may encode GPU blocks: keep the event loop free meanwhile
-            bufs = await self._loop.run_in_executor(None, self.source, keys)
-            return pack_message("blocks", keys, list(bufs))
+            return pack_message("blocks", keys, list(self.source(keys)))
         if op == "put" and self.sink is not None:
-            items = [(k, b) for k, b in zip(keys, blocks) if b is not None]
-            await self._loop.run_in_executor(None, self.sink, items)
+            # failed blocks come as unmarked copies (see _blocks_of): not for the sink
+            self.sink([(k, b) for k, b in zip(keys, blocks)
+                       if b is not None and (not self.verify or channel_verified(b))])
             return pack_message("ok")
         return pack_message("error", error=f"unsupported op {op!r}")
+
+    def _reply(self, conn: socket.socket, header: dict, blocks: list) -> None:
+        """In an executor thread: answer one request on ``conn`` (non-blocking; the event loop
+        does not touch it until this returns)."""
+        _send_nonblocking(conn, self._handle(header, blocks), self.timeout_s)
 
     async def close(self) -> None:
         if self._accept is not None:
@@ -181,10 +280,12 @@ class AsyncTCPClient:
     """asyncio client: ``await fetch(keys)`` -> encoded blocks (None where the peer has none)."""
 
     def __init__(self, host: str, port: int, timeout_s: float = 10.0,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, verify: bool = True) -> None:
         self.addr = (host, port)
         self.timeout_s = timeout_s
         self.max_body_bytes = max_body_bytes
+        self.verify = verify
+        self.corrupt = 0  # blocks that failed verification (handed out as None)
         self._sock: socket.socket | None = None
         self._lock = asyncio.Lock()
 
@@ -210,9 +311,9 @@ class AsyncTCPClient:
         async with self._lock:
             try:
                 sock = await self._conn()
-                await asyncio.wait_for(asend_message(loop, sock, parts), self.timeout_s)
+                await _with_timeout(asend_message(loop, sock, parts), self.timeout_s)
                 msg = await arecv_message(loop, sock, self.max_body_bytes, self.timeout_s,
-                                          self.timeout_s)
+                                          self.timeout_s, verify=self.verify)
             except asyncio.TimeoutError:
                 await self.close()
                 raise ChannelTimeout("peer did not answer in time") from None
@@ -226,7 +327,8 @@ class AsyncTCPClient:
                 await self.close()
                 raise ChannelClosed("peer closed the connection")
             _check_reply(msg[0], want)
-            return msg
+            self.corrupt += msg[2]
+            return msg[0], msg[1]
 
     async def fetch(self, keys: Sequence[str]) -> list[memoryview | None]:
         header, blocks = await self._request(pack_message("get", list(keys)), "blocks")
@@ -244,13 +346,40 @@ class AsyncTCPClient:
 
 
 # -- blocking side --------------------------------------------------------------------------------
-def _recv_into(sock: socket.socket, mv: memoryview) -> None:
+def _recv_into(sock: socket.socket, mv: memoryview, feed=None) -> None:
     got = 0
     while got < mv.nbytes:
-        n = sock.recv_into(mv[got:])
+        n = sock.recv_into(mv[got:got + RECV_CHUNK])
         if n == 0:
             raise ChannelClosed(f"connection closed after {got} of {mv.nbytes} B")
         got += n
+        if feed is not None:
+            feed(got)
+
+
+def _send_nonblocking(sock: socket.socket, parts: Sequence[object], timeout: float | None) -> None:
+    """sendmsg a gather list on a non-blocking socket from a plain thread, polling while it is
+    full; ChannelTimeout when no byte could be sent for ``timeout`` seconds."""
+    parts = _gather(parts)
+    poller = None
+    while parts:
+        try:
+            sent = sock.sendmsg(parts[:_IOV_MAX])
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        parts = _advance(parts, sent)
+        if parts:
+            if poller is None:
+                poller = select.poll()
+                poller.register(sock, select.POLLOUT)
+            if not poller.poll(None if timeout is None else int(timeout * 1000)):
+                raise ChannelTimeout("peer stopped reading the reply")
+
+
+def _sendmsg_all(sock: socket.socket, parts: Sequence[object]) -> None:
+    parts = _gather(parts)
+    while parts:
+        parts = _advance(parts, sock.sendmsg(parts[:_IOV_MAX]))
 
 
 class TCPClient:
@@ -260,10 +389,12 @@ class TCPClient:
     """
 
     def __init__(self, host: str, port: int, timeout_s: float = 10.0,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, verify: bool = True) -> None:
         self.addr = (host, port)
         self.timeout_s = timeout_s
         self.max_body_bytes = max_body_bytes
+        self.verify = verify
+        self.corrupt = 0  # blocks that failed verification (handed out as None)
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
 
@@ -281,16 +412,18 @@ class TCPClient:
         raw = bytearray(hlen)
         _recv_into(sock, memoryview(raw))
         header = parse_header(raw, hhash, body_len)
-        body = np.empty(body_len, dtype=np.uint8)  # not bytearray: that zero-fills first
-        _recv_into(sock, memoryview(body))
-        return header, split_body(header, body)
+        body = _new_body(body_len, self.verify)
+        verifier = BodyVerifier(body, header["sizes"]) if self.verify else None
+        _recv_into(sock, memoryview(body), None if verifier is None else verifier.feed)
+        blocks, bad = _blocks_of(header, body, verifier)
+        self.corrupt += bad
+        return header, blocks
 
     def _request(self, parts: Sequence[memoryview], want: str) -> tuple[dict, list]:
         with self._lock:
             try:
                 sock = self._conn()
-                for p in parts:
-                    sock.sendall(p)
+                _sendmsg_all(sock, parts)
                 header, blocks = self._recv_message(sock)
             except socket.timeout:
                 self.close()

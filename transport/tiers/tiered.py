@@ -19,6 +19,7 @@ from transport.errors import BlockError, ChannelError
 from transport.tiers.base import TierStats
 from transport.tiers.gpu import GPUTier
 from transport.tiers.host import HostTier
+from transport.verify import channel_verified
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,9 @@ class TieredStore:
             blk = None
             if raw is not None:
                 try:
-                    blk = decode_block(raw, self.expected_fingerprint, self.max_block_bytes)
+                    # a verifying channel (TCP) checked the payload on receipt: not again
+                    blk = decode_block(raw, self.expected_fingerprint, self.max_block_bytes,
+                                       verify_payload=not channel_verified(raw))
                     self.peer_stats.bytes_out += memoryview(raw).nbytes
                 except BlockError as e:
                     self.peer_stats.corrupt += 1
