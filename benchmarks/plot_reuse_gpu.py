@@ -1,4 +1,5 @@
-"""Plot benchmarks/results/reuse_gpu.json: speedup over full prefill per mode, and its FLOP limit."""
+"""Plot benchmarks/results/reuse_gpu.json: speedup over full prefill per mode, its fraction of the
+FLOP limit, and its fraction of the roofline (FLOPs over peak or bytes over bandwidth)."""
 import json
 import sys
 from pathlib import Path
@@ -9,16 +10,21 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 src = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/reuse_gpu.json")
 data = json.loads(src.read_text())
-fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+picks = ("speedup", "of_limit", "of_roofline") if "of_roofline" in data["rows"][0]["modes"][0] else ("speedup", "of_limit")
+fig, axes = plt.subplots(1, len(picks), figsize=(6 * len(picks), 4.5))
+labels = {"speedup": "TTFT speedup over full prefill", "of_limit": "speedup / FLOP limit",
+          "of_roofline": "roofline time / measured time"}
 modes = [m["mode"] for m in data["rows"][0]["modes"]]
 tokens = [r["tokens"] for r in data["rows"]]
-for ax, pick in zip(axes, ("speedup", "of_limit")):
+for ax, pick in zip(axes, picks):
     for name in modes:
+        if pick == "of_limit" and name.startswith("prefix"):
+            continue  # one computed token: a FLOP limit of n x says nothing (see of_roofline)
         ys = [next(m[pick] for m in r["modes"] if m["mode"] == name) for r in data["rows"]]
         ax.plot(tokens, ys, marker="o", label=name)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("prompt tokens")
-    ax.set_ylabel("TTFT speedup over full prefill" if pick == "speedup" else "speedup / FLOP limit")
+    ax.set_ylabel(labels[pick])
     ax.grid(alpha=0.3)
 axes[0].set_yscale("log")
 axes[1].axhline(0.8, color="k", ls="--", lw=1)
