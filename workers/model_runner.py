@@ -194,7 +194,11 @@ class LlamaRunner:
                                                scale=self.scale, enable_gqa=g > 1)[0, :, -m:]
         elif p.block_mask is not None and self.use_flex:
             try:
-                o = _flex()(q.contiguous()[None], k.contiguous()[None], v.contiguous()[None], block_mask=p.block_mask,
+                kw, vw = _whole_rows(k), _whole_rows(v)  # a pool slice: no copy, the mask hides the rest
+                if kw.shape[1] != k.shape[1] and p.whole_mask is None:
+                    p.whole_mask = by_position_block_mask(p.pos, kw.shape[1])
+                bm = p.block_mask if kw.shape[1] == k.shape[1] else p.whole_mask
+                o = _flex()(q.contiguous()[None], kw[None], vw[None], block_mask=bm,
                             scale=self.scale, enable_gqa=g > 1)[0]
             except Exception as e:  # a shape the kernel will not compile for: dense mask this pass
                 self.flex_failures += 1
@@ -360,6 +364,7 @@ class Positions:
     sin: torch.Tensor
     mask: torch.Tensor | None  # [1, 1, g*m, n] bool, in the folded-GQA query order
     block_mask: object | None = None  # FlexAttention's BlockMask (CUDA), instead of ``mask``
+    whole_mask: object | None = None  # the same over a whole cache slot (see _whole_rows)
     n_keys: int | None = None
 
     @classmethod
