@@ -41,13 +41,30 @@ class GPUTier:
         out.copy_(t, non_blocking=True)
         return out
 
-    def put_many(self, items: Sequence[tuple[str, KVBlock]]) -> list[KVBlock | None]:
-        """Store copies on the device; returns them (None where a block can never fit)."""
-        fits = [(k, b) for k, b in items if b.nbytes <= self._lru.budget]
+    def put_many(self, items: Sequence[tuple[str, KVBlock]], owned: bool = False,
+                 sums: Sequence[tuple | None] | None = None) -> list[KVBlock | None]:
+        """Store copies on the device; returns them (None where a block can never fit).
+
+        ``owned=True``: the blocks are fresh tensors on this device that nobody else writes
+        (the host tier's device reads): kept as they are, no copy. ``sums``: their device
+        checksums, just verified by the caller (else computed here). Blocks kept this way may
+        be views of one larger buffer, which stays allocated until all of them are evicted."""
+        fits = [(n, k, b) for n, (k, b) in enumerate(items) if b.nbytes <= self._lru.budget]
         self.stats.dropped_writes += len(items) - len(fits)
-        copies = [KVBlock(b.fingerprint, b.layers, b.token_hash,
-                          self._own_copy(b.keys), self._own_copy(b.values)) for _, b in fits]
-        sums = self._checksums(copies) if self.verify else [()] * len(copies)
+        if owned and all(b.keys.device == self.device for _, _, b in fits):
+            copies = [b for _, _, b in fits]
+        else:
+            copies = [KVBlock(b.fingerprint, b.layers, b.token_hash,
+                              self._own_copy(b.keys), self._own_copy(b.values))
+                      for _, _, b in fits]
+            sums = None  # the caller's sums were of its tensors, not of these copies
+        if not self.verify:
+            sums = [()] * len(copies)
+        elif sums is None or any(sums[n] is None for n, _, _ in fits):
+            sums = self._checksums(copies)
+        else:
+            sums = [tuple(sums[n]) for n, _, _ in fits]
+        fits = [(k, b) for _, k, b in fits]
         stored = {}
         for (key, _), blk, ck in zip(fits, copies, sums):
             evicted = self._lru.put(key, (blk, ck), blk.nbytes)

@@ -54,15 +54,22 @@ class TieredStore:
             todo = self._fill(out, todo, self.gpu.get_many(keys), keys)
         if todo and self.host is not None:
             dev = self.gpu.device if self.gpu is not None and self.gpu.device.type == "cuda" else None
-            got = self.host.get_many([keys[i] for i in todo], device=dev)
-            todo = self._fill(out, todo, got, keys, to_gpu=True)
+            if self.gpu is not None and self.host.device_verify:
+                # one device buffer, verified there; the GPU tier adopts the blocks as they are
+                # (also with a CPU "GPU tier" when device_verify is asked for: tests, dry runs)
+                got, sums = self.host.get_many_to_device([keys[i] for i in todo], self.gpu.device)
+                todo = self._fill(out, todo, got, keys, to_gpu=True, owned=True, sums=sums)
+            else:
+                got = self.host.get_many([keys[i] for i in todo], device=dev)
+                todo = self._fill(out, todo, got, keys, to_gpu=True)
         for source in (self._peer_get, self._redis_get):
             if todo and source is not None:
                 got, raws = source([keys[i] for i in todo])
                 todo = self._fill(out, todo, got, keys, to_gpu=True, raws=raws)
         return out
 
-    def _fill(self, out, todo, got, keys, to_gpu: bool = False, raws=None) -> list[int]:
+    def _fill(self, out, todo, got, keys, to_gpu: bool = False, raws=None, owned: bool = False,
+              sums=None) -> list[int]:
         """Place hits, promote them upward (raws -> host tier, blocks -> GPU tier); return misses."""
         rest, hits = [], []
         for j, (i, blk) in enumerate(zip(todo, got)):
@@ -74,7 +81,8 @@ class TieredStore:
         if raws is not None and self.host is not None and hits:
             self.host.put_encoded_many([(keys[i], raws[j]) for i, j in hits])
         if to_gpu and self.gpu is not None and hits:
-            copies = self.gpu.put_many([(keys[i], out[i]) for i, _ in hits])
+            copies = self.gpu.put_many([(keys[i], out[i]) for i, _ in hits], owned=owned,
+                                       sums=None if sums is None else [sums[j] for _, j in hits])
             for (i, _), c in zip(hits, copies):
                 out[i] = c if c is not None else out[i].to(self.gpu.device)
         return rest
