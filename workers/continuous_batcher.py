@@ -163,9 +163,14 @@ class ContinuousBatcher:
                                       "errors": 0}
 
     # ---- submitting -------------------------------------------------------------------------
+    def blocks_needed(self, n_prompt: int, max_tokens: int) -> int:
+        """Most blocks a request holds: KV of the prompt and of every generated token but the last
+        (never fed back); none when it generates at most one token (it ends after prefill)."""
+        return self.blocks.blocks_for(n_prompt + max_tokens - 1) if max_tokens > 1 else 0
+
     def fits(self, n_prompt: int, max_tokens: int) -> bool:
-        """Whether a request could ever hold its KV in the pool (n_prompt + max_tokens tokens)."""
-        return self.blocks.blocks_for(n_prompt + max_tokens) <= self.blocks.num_blocks
+        """Whether the pool could ever hold the request's KV."""
+        return self.blocks_needed(n_prompt, max_tokens) <= self.blocks.num_blocks
 
     def submit(self, request: BatchRequest) -> Ticket:
         req = request
@@ -174,7 +179,7 @@ class ContinuousBatcher:
             raise InvalidParameterError(f"temperature must be >= 0 and top_p in (0, 1], got {req.temperature}, {req.top_p}")
         if not self.fits(len(req.token_ids), req.max_tokens):
             raise OutOfBlocksError(f"{len(req.token_ids)} prompt + {req.max_tokens} new tokens need "
-                                   f"{self.blocks.blocks_for(len(req.token_ids) + req.max_tokens)} blocks; "
+                                   f"{self.blocks_needed(len(req.token_ids), req.max_tokens)} blocks; "
                                    f"the KV pool has {self.blocks.num_blocks}")
         ticket = Ticket(req)
         with self._cv:
@@ -220,6 +225,15 @@ class ContinuousBatcher:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        with self._cv:  # nobody will step them any more: their readers must not wait forever
+            left = [x if isinstance(x, Ticket) else x.ticket for x in self.waiting]
+            self.waiting.clear()
+        left += [r.ticket for r in self.running]
+        for r in list(self.running):
+            self.blocks.free(r.sid)
+        self.running = []
+        for t in left:
+            t._finish(None, RuntimeError("the batcher was stopped"))
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -298,7 +312,9 @@ class ContinuousBatcher:
             n = len(item.request.token_ids)
             if admitted and n > budget:
                 return
-            if self.blocks.blocks_for(n + 1) + reserve > self.blocks.free_blocks:
+            # blocks for the prompt and the first fed-back token; max_tokens <= 1 never decodes
+            need = self.blocks.blocks_for(n + 1) if item.request.max_tokens > 1 else 0
+            if need and need + reserve > self.blocks.free_blocks:
                 return
             with self._cv:
                 self.waiting.popleft()
@@ -307,26 +323,31 @@ class ContinuousBatcher:
             self._start(item)
 
     def _start(self, ticket: Ticket) -> None:
-        req = ticket.request
+        sid = self._new_sid()
         try:
-            if req.prefill_fn is not None:
-                seq, logits = req.prefill_fn()
-            else:
-                seq, logits = self.engine.prefill(req.token_ids, req.plan, req.settings, req.max_tokens,
-                                                  keep_segment=req.keep_segment)
-            if req.on_prefill is not None:
-                req.on_prefill(seq)
+            self._prefill_and_join(ticket, sid)
         except Exception as e:  # noqa: BLE001 - this request fails, the batch goes on
             self.stats["errors"] += 1
+            self.blocks.free(sid)
+            self.running = [r for r in self.running if r.sid != sid]
             ticket._finish(None, e)
-            return
+
+    def _prefill_and_join(self, ticket: Ticket, sid: int) -> None:
+        req = ticket.request
+        if req.prefill_fn is not None:
+            seq, logits = req.prefill_fn()
+        else:
+            seq, logits = self.engine.prefill(req.token_ids, req.plan, req.settings, req.max_tokens,
+                                              keep_segment=req.keep_segment)
+        if req.on_prefill is not None:
+            req.on_prefill(seq)
         self.stats["prefills"] += 1
         ticket.stats = seq.stats
         ticket.first_logits = logits.float().cpu()
         ticket._put("prefill", seq.stats)
         stop = set(self.runner.spec.eos_token_ids if req.stop_ids is None else req.stop_ids)
         gen = torch.Generator(device="cpu").manual_seed(req.seed if req.seed is not None else 0)
-        r = _Running(ticket, self._new_sid(), gen, stop, t_decode=time.perf_counter())
+        r = _Running(ticket, sid, gen, stop, t_decode=time.perf_counter())
         if req.max_tokens == 0:
             ticket._finish("length")
             return

@@ -188,9 +188,26 @@ def test_decode_out_of_blocks_swaps_the_newest_out_and_back_exactly():
 def test_a_request_larger_than_the_pool_is_refused_at_submit():
     r = tiny()
     b = ContinuousBatcher(ReuseEngine(r, settings=FULL), blocks=BlockManager(r, 4, 4))
-    assert b.fits(10, 6) and not b.fits(10, 7)
+    assert b.fits(10, 7) and not b.fits(10, 8)  # the last new token's KV is never needed
+    assert b.fits(100, 1)  # one token comes from the prefill: no blocks at all
     with pytest.raises(OutOfBlocksError, match="the KV pool has 4"):
-        b.submit(BatchRequest(ids(10, 1), 7))
+        b.submit(BatchRequest(ids(10, 1), 8))
+
+
+def test_zero_or_one_new_token_needs_no_blocks_and_stop_fails_what_is_left():
+    r = tiny()
+    eng = ReuseEngine(r, settings=FULL)
+    b = ContinuousBatcher(eng, blocks=BlockManager(r, 4, 4))
+    p = ids(40, 1)  # more than the pool holds
+    t0 = b.submit(BatchRequest(p, 0))
+    t1 = b.submit(BatchRequest(p, 1, stop_ids=()))
+    b.run()
+    assert t0.result().token_ids == [] and t0.result().prompt_tokens == 40
+    assert t1.result().token_ids == alone(eng, p, 1).token_ids
+    t2 = b.submit(BatchRequest(p[:5], 3))
+    b.stop()
+    with pytest.raises(RuntimeError, match="stopped"):
+        t2.result(timeout=1)
 
 
 def test_cancel_running_and_waiting_requests_frees_their_blocks():
