@@ -3,6 +3,7 @@
 
     python benchmarks/transport_bench.py            # CPU: Redis tier, TCP channel, UCX (if ucxx)
     python benchmarks/transport_bench.py --gpu      # host tier -> GPU vs a raw pinned copy
+    python benchmarks/transport_bench.py --gpu --device cpu --total-mib 16   # dry run on CPU
     python benchmarks/transport_bench.py --nccl     # GPU -> GPU channel vs raw NCCL send/recv (2 GPUs)
 
 The GPU modes need only torch, numpy, msgpack and xxhash (no redis, no ray). ``--device cpu`` and
@@ -341,7 +342,11 @@ def bench_ucx(sizes, total) -> list[dict]:
 
 
 # -- GPU: host tier -> device ---------------------------------------------------------------------
-def bench_host_to_gpu(sizes, total, device: str) -> list[dict]:
+def bench_host_to_gpu(sizes, total, device: str, gather_below: int) -> list[dict]:
+    """One get of ``total`` bytes of blocks from the host tier to the device, beside a raw pinned
+    copy of the same number of bytes in ONE buffer (the ceiling), and beside the same blocks'
+    buffers copied one by one with nothing else (what any one-copy-per-block design costs)."""
+    from transport.tiers.base import LRUBytes
     from transport.tiers.gpu import GPUTier
     from transport.tiers.host import HostTier
     from transport.tiers.tiered import TieredStore
@@ -351,40 +356,95 @@ def bench_host_to_gpu(sizes, total, device: str) -> list[dict]:
     rows = []
     for size in sizes:
         n = max(1, total // size)
+        t0 = time.perf_counter()
         blocks = make_blocks(size, n)
-        host = HostTier(2 * total + (64 << 20), pin=cuda, device_verify=True)
+        budget = 2 * total + (64 << 20)
+        host = HostTier(budget, pin=cuda, device_verify=True)
         host.put_many(blocks)
+        hostg = None
+        if gather_below:
+            hostg = HostTier(budget, pin=cuda, device_verify=True, gather_below=gather_below)
+            hostg.put_many(blocks)
         keys = [k for k, _ in blocks]
-        nbytes = sum(b.nbytes for _, b in blocks)
+        bufs = [host._lru.get(k)[0] for k in keys]
+        bufs = [b if isinstance(b, torch.Tensor) else torch.frombuffer(b, dtype=torch.uint8)
+                for b in bufs]
+        nbytes = sum(b.numel() for b in bufs)  # encoded blocks: headers included
         src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
         src.random_(0, 255)
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        ref = {keys[0]: blocks[0][1], keys[-1]: blocks[-1][1]}
+        del blocks
+        print(f"  {size >> 10} KiB x {n}: set up in {time.perf_counter() - t0:.1f} s", flush=True)
 
         def raw_copy():
-            src.to(device, non_blocking=True)
+            dst.copy_(src, non_blocking=True)
+            sync()
+
+        def raw_blockwise():
+            off = 0
+            for b in bufs:
+                dst[off:off + b.numel()].copy_(b, non_blocking=True)
+                off += b.numel()
             sync()
 
         def host_get():
             assert all(b is not None for b in host.get_many(keys, device=device))
             sync()
 
-        store = TieredStore(GPUTier(2 * total + (64 << 20), device=device), host)
+        def host_get_gather():
+            assert all(b is not None for b in hostg.get_many(keys, device=device))
+            sync()
+
+        store = TieredStore(GPUTier(budget, device=device), host)
 
         def store_get():  # a GPU-tier miss served from the host tier, promoted into the GPU tier
-            for k in keys:
-                store.gpu.evict(k)
+            store.gpu._lru = LRUBytes(store.gpu._lru.budget)  # empty it, O(1)
             assert all(b is not None for b in store.get_many(keys))
             sync()
 
-        t = paired({"raw": raw_copy, "host": host_get, "store": store_get})
-        t_raw = t["raw"]
-        rows.append(row("host_to_gpu", size, n, t["host"], t_raw,
-                        "HostTier.get_many(device=...) (header xxh64, copy, device checksum)",
-                        "one pinned tensor .to(device, non_blocking=True)"))
-        rows.append(row("tiered_host_to_gpu", size, n, t["store"], t_raw,
-                        "TieredStore.get_many: GPU miss -> host -> promote into GPU tier",
-                        "one pinned tensor .to(device, non_blocking=True)"))
+        fns = {"raw": raw_copy, "rawblk": raw_blockwise, "host": host_get, "store": store_get}
+        if hostg is not None:
+            fns["hostg"] = host_get_gather
+        t = paired(fns, min_reps=9, min_s=1.5)
+        assert host.stats.corrupt == 0
+        _check_device_read(host, store, ref, device)
+        raw_desc = "one pinned tensor copy_(non_blocking=True) of the same bytes into one buffer"
+        rows.append(row("host_to_gpu", size, n, t["host"], t["raw"],
+                        "HostTier.get_many(device=...): one copy per block into one device "
+                        "buffer, strided views, device checksums per group, one read-back",
+                        raw_desc))
+        rows.append(row("tiered_host_to_gpu", size, n, t["store"], t["raw"],
+                        "TieredStore.get_many: GPU miss -> host tier device read -> adopted by "
+                        "the GPU tier", raw_desc))
+        rows.append(row("raw_blockwise_to_gpu", size, n, t["rawblk"], t["raw"],
+                        "the same block buffers copied one by one, nothing else (reference)",
+                        raw_desc))
+        if hostg is not None:
+            rows.append(row("host_to_gpu_gather", size, n, t["hostg"], t["raw"],
+                            f"HostTier(gather_below={gather_below}): blocks below that gathered "
+                            "through a pinned staging buffer (torch.cat), one copy", raw_desc))
         store.close()
+        del host, hostg, store, bufs, src, dst
+        if cuda:
+            torch.cuda.empty_cache()
     return rows
+
+
+def _check_device_read(host, store, ref: dict, device: str) -> None:
+    """Right bytes on the device, and a payload flipped in host memory is caught there."""
+    ks = list(ref)
+    for got in (host.get_many(ks, device=device), store.get_many(ks)):
+        for g, k in zip(got, ks):
+            assert g is not None and g.keys.device.type == torch.device(device).type
+            assert torch.equal(g.keys.cpu(), ref[k].keys) and torch.equal(g.values.cpu(), ref[k].values)
+    buf = host._lru.get(ks[-1])[0]
+    t = buf if isinstance(buf, torch.Tensor) else None
+    if t is not None:
+        t[-5] ^= 1  # silent corruption of the stored copy
+        before = host.stats.corrupt
+        assert host.get_many(ks, device=device)[-1] is None and host.stats.corrupt == before + 1
+        t[-5] ^= 1
 
 
 # -- GPU: GPU -> GPU through torch.distributed ----------------------------------------------------------
@@ -510,6 +570,9 @@ def main() -> None:
     ap.add_argument("--only", default="redis,tcp,ucx", help="CPU benches to run")
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--gather-below-kib", type=int, default=1024,
+                    help="for --gpu: also measure a host tier that gathers blocks below this "
+                         "size through a pinned staging buffer (0: skip)")
     ap.add_argument("--out", default=None, help="results JSON path")
     args = ap.parse_args()
 
@@ -517,7 +580,11 @@ def main() -> None:
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     if args.gpu:
         mode, total = "gpu", (args.total_mib or 256) << 20
-        rows = bench_host_to_gpu(sizes, total, args.device)
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            sys.exit("--gpu: CUDA is not available (use --device cpu for a dry run)")
+        if args.device == "cpu":
+            torch.set_num_threads(1)  # see the CPU mode below
+        rows = bench_host_to_gpu(sizes, total, args.device, args.gather_below_kib << 10)
     elif args.nccl:
         mode, total = "nccl", (args.total_mib or 256) << 20
         rows = bench_dist(sizes, total, args.backend, args.reps)

@@ -26,6 +26,8 @@ class GPUTier:
     def __init__(self, budget_bytes: int, device: torch.device | str | None = None,
                  verify: bool = True) -> None:
         self.device = torch.device(device) if device is not None else default_device()
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda" -> "cuda:N", so
+            self.device = torch.device("cuda", torch.cuda.current_device())  # it compares equal
         self.verify = verify
         self.stats = TierStats()
         self._lru: LRUBytes[tuple[KVBlock, tuple]] = LRUBytes(budget_bytes)

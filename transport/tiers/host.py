@@ -19,6 +19,7 @@ import threading
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from transport.block import (_NAME_OF, DEFAULT_MAX_BLOCK_BYTES, KVBlock, decode_block,
@@ -35,6 +36,7 @@ class _Verified:
 
     sums: list            # [[k_sum, k_odd], [v_sum, v_odd]] as transport.checksum computes them
     layout: gather.Layout
+    flat: tuple = ()      # the same four numbers, flat, as GPUTier keeps them
 
 
 class HostTier:
@@ -99,7 +101,8 @@ class HostTier:
         half = blk.nbytes // 2
         layout = gather.Layout(mv.nbytes - 2 * half, half, _NAME_OF[blk.keys.dtype],
                                tuple(blk.keys.shape), blk.fingerprint, blk.layers, blk.token_hash)
-        return _Verified(device_checksums([blk.keys, blk.values]), layout)
+        sums = device_checksums([blk.keys, blk.values])
+        return _Verified(sums, layout, (sums[0][0], sums[0][1], sums[1][0], sums[1][1]))
 
     def put_many(self, items: Sequence[tuple[str, KVBlock]]) -> None:
         for key, blk in items:
@@ -169,24 +172,24 @@ class HostTier:
             offs, total = gather.plan_layout([b.numel() for b in bufs])
             dev = torch.empty(max(total, gather.ALIGN), dtype=torch.uint8, device=device)
             self._copy_in(dev, bufs, offs)
-            lays = [entries[i][1].layout for i in hit]
-            views: list = [None] * len(hit)
+            vers = [entries[i][1] for i in hit]
+            lays = [x.layout for x in vers]
             parts = []
+            # while the copies run: checksum kernels, views and blocks (all asynchronous)
             for a, b, stride in gather.uniform_groups(offs, [x.kind for x in lays]):
                 ks, vs = gather.group_views(dev, offs[a], b - a, stride, lays[a])
-                views[a:b] = zip(ks, vs)
                 parts.append(gather.group_checksums(dev, offs[a], b - a, stride, lays[a]))
+                for n, k, v in zip(range(a, b), ks, vs):
+                    lay = lays[n]
+                    out[hit[n]] = KVBlock(lay.fingerprint, lay.layers, lay.token_hash, k, v)
+                    sums_out[hit[n]] = vers[n].flat
+            want = np.array([x.flat for x in vers], dtype=np.uint64)
             # one blocking read-back: it also waits for the copies above (same stream)
             got = (torch.cat(parts) if len(parts) > 1 else parts[0]).cpu()
-            ok = gather.sums_equal(got, [entries[i][1].sums for i in hit])
-            for n, i in enumerate(hit):
-                if not ok[n]:
-                    self._discard(keys[i])
-                    continue
-                lay, (k, v) = lays[n], views[n]
-                out[i] = KVBlock(lay.fingerprint, lay.layers, lay.token_hash, k, v)
-                w = entries[i][1].sums
-                sums_out[i] = (w[0][0], w[0][1], w[1][0], w[1][1])
+            bad = (got.numpy().reshape(-1, 4).view(np.uint64) != want).any(axis=1)
+            for n in np.flatnonzero(bad).tolist():
+                self._discard(keys[hit[n]])
+                out[hit[n]] = sums_out[hit[n]] = None
         for b in out:
             self._count_block(b)
         return out, sums_out
@@ -217,6 +220,7 @@ class HostTier:
                     torch.cuda.current_stream(dev.device).synchronize() if dev.is_cuda else None
                     for j in run:
                         bufs[j] = None
+        # (torch._foreach_copy_ of the same was slower on an H100: 0.64 vs 0.76 of a raw copy)
         for n, b in enumerate(bufs):
             if b is not None:
                 dev[offs[n]:offs[n] + b.numel()].copy_(b, non_blocking=True)
@@ -256,5 +260,4 @@ def _as_u8(buf) -> torch.Tensor:
     """A flat uint8 tensor over a stored buffer (pinned tensors as they are)."""
     if isinstance(buf, torch.Tensor):
         return buf
-    import numpy as np
     return torch.from_numpy(np.frombuffer(buf, dtype=np.uint8))
