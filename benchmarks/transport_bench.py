@@ -366,9 +366,10 @@ def bench_host_to_gpu(sizes, total, device: str, gather_below: int) -> list[dict
             hostg = HostTier(budget, pin=cuda, device_verify=True, gather_below=gather_below)
             hostg.put_many(blocks)
         keys = [k for k, _ in blocks]
-        bufs = [host._lru.get(k)[0] for k in keys]
-        bufs = [b if isinstance(b, torch.Tensor) else torch.frombuffer(b, dtype=torch.uint8)
-                for b in bufs]
+        # each block in its own pinned buffer, as the host tier kept them before slabs
+        bufs = [torch.empty(len(host._lru.get(k)[0]), dtype=torch.uint8, pin_memory=cuda)
+                .copy_(torch.from_numpy(np.asarray(host._lru.get(k)[0]))) for k in keys]
+        scattered = keys[::-1]  # the same blocks in reverse order: no two back to back
         nbytes = sum(b.numel() for b in bufs)  # encoded blocks: headers included
         src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
         src.random_(0, 255)
@@ -392,6 +393,10 @@ def bench_host_to_gpu(sizes, total, device: str, gather_below: int) -> list[dict
             assert all(b is not None for b in host.get_many(keys, device=device))
             sync()
 
+        def host_get_scattered():
+            assert all(b is not None for b in host.get_many(scattered, device=device))
+            sync()
+
         def host_get_gather():
             assert all(b is not None for b in hostg.get_many(keys, device=device))
             sync()
@@ -403,7 +408,8 @@ def bench_host_to_gpu(sizes, total, device: str, gather_below: int) -> list[dict
             assert all(b is not None for b in store.get_many(keys))
             sync()
 
-        fns = {"raw": raw_copy, "rawblk": raw_blockwise, "host": host_get, "store": store_get}
+        fns = {"raw": raw_copy, "rawblk": raw_blockwise, "host": host_get, "store": store_get,
+               "hostrev": host_get_scattered}
         if hostg is not None:
             fns["hostg"] = host_get_gather
         t = paired(fns, min_reps=9, min_s=1.5)
@@ -411,14 +417,19 @@ def bench_host_to_gpu(sizes, total, device: str, gather_below: int) -> list[dict
         _check_device_read(host, store, ref, device)
         raw_desc = "one pinned tensor copy_(non_blocking=True) of the same bytes into one buffer"
         rows.append(row("host_to_gpu", size, n, t["host"], t["raw"],
-                        "HostTier.get_many(device=...): one copy per block into one device "
-                        "buffer, strided views, device checksums per group, one read-back",
+                        "HostTier.get_many(device=...): blocks kept in pinned slabs, one copy "
+                        "per run of blocks back to back in a slab into one device buffer, "
+                        "strided views, device checksums per group, one read-back",
                         raw_desc))
         rows.append(row("tiered_host_to_gpu", size, n, t["store"], t["raw"],
                         "TieredStore.get_many: GPU miss -> host tier device read -> adopted by "
                         "the GPU tier", raw_desc))
+        rows.append(row("host_to_gpu_scattered", size, n, t["hostrev"], t["raw"],
+                        "HostTier.get_many(device=...) of the same blocks in reverse order: "
+                        "no runs, one copy per block from the slabs", raw_desc))
         rows.append(row("raw_blockwise_to_gpu", size, n, t["rawblk"], t["raw"],
-                        "the same block buffers copied one by one, nothing else (reference)",
+                        "the same blocks, each in its own pinned buffer, copied one by one, "
+                        "nothing else (reference)",
                         raw_desc))
         if hostg is not None:
             rows.append(row("host_to_gpu_gather", size, n, t["hostg"], t["raw"],
@@ -439,7 +450,7 @@ def _check_device_read(host, store, ref: dict, device: str) -> None:
             assert g is not None and g.keys.device.type == torch.device(device).type
             assert torch.equal(g.keys.cpu(), ref[k].keys) and torch.equal(g.values.cpu(), ref[k].values)
     buf = host._lru.get(ks[-1])[0]
-    t = buf if isinstance(buf, torch.Tensor) else None
+    t = buf if isinstance(buf, (torch.Tensor, np.ndarray)) else None
     if t is not None:
         t[-5] ^= 1  # silent corruption of the stored copy
         before = host.stats.corrupt
@@ -570,7 +581,7 @@ def main() -> None:
     ap.add_argument("--only", default="redis,tcp,ucx", help="CPU benches to run")
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--gather-below-kib", type=int, default=1024,
+    ap.add_argument("--gather-below-kib", type=int, default=0,
                     help="for --gpu: also measure a host tier that gathers blocks below this "
                          "size through a pinned staging buffer (0: skip)")
     ap.add_argument("--out", default=None, help="results JSON path")

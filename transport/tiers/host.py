@@ -6,9 +6,15 @@ device=...)``) verify the payload there instead, with the device checksum record
 was stored (after a full xxh64 check): xxh64 on the CPU runs at ~10 GB/s, a pinned copy to an
 H100 at ~54 GB/s, so hashing on the host would cap the host -> GPU path at a fifth of its speed.
 
-A read of many blocks to a device moves them in one copy each (the whole encoded block, from its
-own pinned buffer) into ONE device buffer, and verifies and views them a strided group at a time
-(transport/tiers/gather.py): a few CUDA calls per block instead of ~10. What a block's header
+Blocks are stored in large slabs (pinned when CUDA is present; transport/tiers/slab.py), packed
+at 64-aligned offsets: blocks written together sit back to back. A read of many blocks to a
+device moves each run of blocks that lie back to back in a slab in ONE copy (the whole encoded
+blocks, padding included) into ONE device buffer laid out the same way, and verifies and views
+them a strided group at a time (transport/tiers/gather.py): a few CUDA calls per run instead of
+~10 per block. The byte budget is the LRU's (encoded bytes); the slabs hold at most one slab
+more than the budget, and an allocation that does not fit (fragmentation) evicts further by LRU.
+A freed slot is reused only once no reader holds a view of it (views handed out on the CPU
+paths), and device reads hold the tier's lock until their copies have finished. What a block's header
 says (dtype, shape, layers, ...) is taken once at put, after the full check, and kept beside the
 buffer: the device read uses that, never the header bytes in memory again, and the payload is
 checked against the device checksums recorded at put.
@@ -28,6 +34,9 @@ from transport.checksum import device_checksums
 from transport.errors import BlockError
 from transport.tiers import gather
 from transport.tiers.base import LRUBytes, TierStats
+from transport.tiers.slab import ALIGN as SLAB_ALIGN, SlabPool, Slot, contiguous_runs
+
+DEFAULT_SLAB_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -45,7 +54,8 @@ class HostTier:
     def __init__(self, budget_bytes: int, pin: bool | None = None,
                  max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
                  expected_fingerprint: str | None = None,
-                 device_verify: bool | None = None, gather_below: int = 0) -> None:
+                 device_verify: bool | None = None, gather_below: int = 0,
+                 slab_bytes: int | None = None) -> None:
         self.pin = torch.cuda.is_available() if pin is None else pin
         # record device checksums at put time (so reads to a GPU can verify there)
         self.device_verify = torch.cuda.is_available() if device_verify is None else device_verify
@@ -55,8 +65,16 @@ class HostTier:
         # on the CPU and sent in one copy (0: never; every block is sent from its own buffer)
         self.gather_below = gather_below
         self.stats = TierStats()
-        # key -> (buffer, _Verified or None)
-        self._lru: LRUBytes[tuple[object, _Verified | None]] = LRUBytes(budget_bytes)
+        # key -> (buffer, _Verified or None); a buffer in a slab is its Slot's numpy view
+        self._lru: _SlabLRU = _SlabLRU(budget_bytes, self._dropped)
+        self._slots: dict[str, Slot] = {}
+        if slab_bytes is None:  # 64 MiB, or the budget rounded up to a power of two if smaller
+            slab_bytes = min(DEFAULT_SLAB_BYTES, 1 << max(12, (max(budget_bytes, 1) - 1).bit_length()))
+        slab_bytes = -(-slab_bytes // SLAB_ALIGN) * SLAB_ALIGN
+        self._pool = SlabPool(slab_bytes, -(-budget_bytes // slab_bytes) + 1, pin=self.pin)
+        # held by puts and by device reads (until their copies are done): no slot is reused
+        # while a copy may still read it
+        self._lock = threading.RLock()
         self._staging: torch.Tensor | None = None
         self._staging_lock = threading.Lock()
 
@@ -75,20 +93,45 @@ class HostTier:
             return parts[0].obj  # immutable and exactly this block (e.g. from Redis): keep, no copy
         return b"".join(parts)
 
+    def _dropped(self, key: str, value) -> None:
+        """An entry left the LRU (evicted, replaced, discarded): give its slot back."""
+        slot = self._slots.get(key)
+        if slot is not None and value[0] is slot.view:
+            del self._slots[key]
+            self._pool.release(slot)
+
     def _put(self, key: str, parts: Sequence[memoryview]) -> None:
         n = sum(p.nbytes for p in parts)
         if n > self._lru.budget or n > self.max_block_bytes:
             self.stats.dropped_writes += 1
             return
-        buf = self._store_buffer(parts)
-        dsum = None
-        if self.device_verify:
-            dsum = self._device_checksums(buf)
-            if dsum is None:
-                return
-        evicted = self._lru.put(key, (buf, dsum), n)
-        self.stats.bytes_in += n
-        self.stats.evictions += len(evicted or ())
+        with self._lock:
+            self._lru.pop(key)
+            evicted = 0
+            while self._lru.used + n > self._lru.budget and self._lru.pop_oldest() is not None:
+                evicted += 1
+            slot = self._pool.alloc(n)
+            fits = -(-n // SLAB_ALIGN) * SLAB_ALIGN <= self._pool.slab_bytes
+            while slot is None and fits and self._lru.pop_oldest() is not None:  # fragmented
+                evicted += 1
+                slot = self._pool.alloc(n)
+            self.stats.evictions += evicted
+            if slot is None:  # bigger than a slab, or the slabs' free space is still being read
+                buf = self._store_buffer(parts)
+            else:
+                join_parts(parts, out=memoryview(slot.view))
+                buf = slot.view
+            dsum = None
+            if self.device_verify:
+                dsum = self._device_checksums(buf)
+                if dsum is None:
+                    if slot is not None:
+                        self._pool.release(slot)
+                    return
+            if slot is not None:
+                self._slots[key] = slot
+            self.stats.evictions += len(self._lru.put(key, (buf, dsum), n) or ())
+            self.stats.bytes_in += n
 
     def _device_checksums(self, buf) -> _Verified | None:
         """Fully verify once (xxh64), then record the device checksums and layout; None if corrupt."""
@@ -160,6 +203,11 @@ class HostTier:
         device buffer that nothing else references. Needs ``device_verify``."""
         if not self.device_verify:
             raise ValueError("get_many_to_device needs a tier built with device_verify=True")
+        with self._lock:  # no slot read here is reused before the read-back below
+            return self._get_many_to_device(keys, device)
+
+    def _get_many_to_device(self, keys: Sequence[str], device: torch.device | str
+                            ) -> tuple[list[KVBlock | None], list[tuple | None]]:
         entries = [self._lru.get(k) for k in keys]
         hit = [i for i, e in enumerate(entries) if e is not None and e[1] is not None]
         out: list[KVBlock | None] = [None] * len(keys)
@@ -168,9 +216,17 @@ class HostTier:
             if e is not None and e[1] is None:  # device_verify): verify the slow way
                 self._discard(keys[i])
         if hit:
-            bufs = [_as_u8(entries[i][0]) for i in hit]
-            offs, total = gather.plan_layout([b.numel() for b in bufs])
+            slots: list[Slot | None] = []
+            bufs: list[torch.Tensor | None] = []
+            for i in hit:
+                s = self._slots.get(keys[i])
+                s = s if s is not None and s.view is entries[i][0] else None
+                slots.append(s)
+                bufs.append(None if s is not None else _as_u8(entries[i][0]))
+            offs, total = gather.plan_layout([s.n if s is not None else b.numel()
+                                              for s, b in zip(slots, bufs)])
             dev = torch.empty(max(total, gather.ALIGN), dtype=torch.uint8, device=device)
+            self._copy_runs(dev, slots, offs)
             self._copy_in(dev, bufs, offs)
             vers = [entries[i][1] for i in hit]
             lays = [x.layout for x in vers]
@@ -194,10 +250,20 @@ class HostTier:
             self._count_block(b)
         return out, sums_out
 
-    def _copy_in(self, dev: torch.Tensor, bufs: list[torch.Tensor], offs: list[int]) -> None:
-        """Host buffers -> their offsets in ``dev``: small blocks gathered through the pinned
-        staging buffer in one copy (if ``gather_below`` says so), the others one copy each."""
-        small = [n for n, b in enumerate(bufs) if b.numel() < self.gather_below
+    def _copy_runs(self, dev: torch.Tensor, slots: list[Slot | None], offs: list[int]) -> None:
+        """Slab blocks -> their offsets in ``dev``: one copy per run of blocks back to back in a
+        slab (the device layout, 64-aligned back to back, is the slab's for such a run)."""
+        for a, b in contiguous_runs(slots):
+            first, last = slots[a], slots[b - 1]
+            nbytes = last.off + last.n - first.off
+            dev[offs[a]:offs[a] + nbytes].copy_(self._pool.source(first.slab, first.off, nbytes),
+                                                non_blocking=True)
+
+    def _copy_in(self, dev: torch.Tensor, bufs: list[torch.Tensor | None], offs: list[int]) -> None:
+        """Host buffers not in a slab (None: copied by ``_copy_runs``) -> their offsets in
+        ``dev``: small blocks gathered through the pinned staging buffer in one copy (if
+        ``gather_below`` says so), the others one copy each."""
+        small = [n for n, b in enumerate(bufs) if b is not None and b.numel() < self.gather_below
                  and b.numel() % gather.ALIGN == 0]
         if len(small) > 1:
             # consecutive runs of small blocks sit back to back (sizes are 64-multiples)
@@ -250,6 +316,45 @@ class HostTier:
 
     def __len__(self) -> int:
         return len(self._lru)
+
+
+class _SlabLRU(LRUBytes):
+    """LRUBytes that tells the tier about every entry leaving it (so its slot goes back)."""
+
+    def __init__(self, budget: int, on_drop) -> None:
+        super().__init__(budget)
+        self._on_drop = on_drop
+
+    def put(self, key, value, nbytes):
+        if nbytes > self.budget:
+            return None
+        with self.lock:
+            self.pop(key)
+            evicted = []
+            while self.used + nbytes > self.budget and self._d:
+                evicted.append(self.pop_oldest())
+            self._d[key] = (value, nbytes)
+            self.used += nbytes
+            return evicted
+
+    def pop(self, key):
+        with self.lock:
+            e = self._d.pop(key, None)
+            if e is None:
+                return None
+            self.used -= e[1]
+            self._on_drop(key, e[0])
+            return e[0]
+
+    def pop_oldest(self) -> str | None:
+        """Evict the least recently used entry; its key (None if empty)."""
+        with self.lock:
+            if not self._d:
+                return None
+            k, (v, n) = self._d.popitem(last=False)
+            self.used -= n
+            self._on_drop(k, v)
+            return k
 
 
 def _view(buf) -> memoryview:
