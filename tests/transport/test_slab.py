@@ -76,9 +76,9 @@ def test_host_tier_packs_blocks_back_to_back_and_reads_in_one_copy(monkeypatch):
     copies = []
     real = tier._copy_runs
 
-    def counting(dev, sl, offs):
+    def counting(dev, sl, offs, **kw):
         copies.extend(contiguous_runs(sl))
-        real(dev, sl, offs)
+        return real(dev, sl, offs, **kw)
     monkeypatch.setattr(tier, "_copy_runs", counting)
     got, _ = tier.get_many_to_device(keys, "cpu")
     assert copies == [(0, 6)]

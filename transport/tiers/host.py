@@ -77,6 +77,7 @@ class HostTier:
         self._lock = threading.RLock()
         self._staging: torch.Tensor | None = None
         self._staging_lock = threading.Lock()
+        self._streams: dict = {}  # per device: the side stream device reads copy on
 
     @property
     def used_bytes(self) -> int:
@@ -226,19 +227,29 @@ class HostTier:
             offs, total = gather.plan_layout([s.n if s is not None else b.numel()
                                               for s, b in zip(slots, bufs)])
             dev = torch.empty(max(total, gather.ALIGN), dtype=torch.uint8, device=device)
-            self._copy_runs(dev, slots, offs)
-            self._copy_in(dev, bufs, offs)
+            side = self._side_stream(dev.device)
+            if side is not None:  # copies on a side stream: each run's checksums overlap the next copy
+                side.wait_stream(torch.cuda.current_stream(dev.device))
+                with torch.cuda.stream(side):
+                    segments = self._copy_runs(dev, slots, offs, events=True)
+                    segments += self._copy_in(dev, bufs, offs, events=True)
+            else:
+                segments = self._copy_runs(dev, slots, offs) + self._copy_in(dev, bufs, offs)
             vers = [entries[i][1] for i in hit]
             lays = [x.layout for x in vers]
+            kinds = [x.kind for x in lays]
             parts = []
-            # while the copies run: checksum kernels, views and blocks (all asynchronous)
-            for a, b, stride in gather.uniform_groups(offs, [x.kind for x in lays]):
-                ks, vs = gather.group_views(dev, offs[a], b - a, stride, lays[a])
-                parts.append(gather.group_checksums(dev, offs[a], b - a, stride, lays[a]))
-                for n, k, v in zip(range(a, b), ks, vs):
-                    lay = lays[n]
-                    out[hit[n]] = KVBlock(lay.fingerprint, lay.layers, lay.token_hash, k, v)
-                    sums_out[hit[n]] = vers[n].flat
+            for a0, b0, done in sorted(segments, key=lambda t: t[0]):
+                if done is not None:
+                    torch.cuda.current_stream(dev.device).wait_event(done)
+                for a, b, stride in gather.uniform_groups(offs[a0:b0], kinds[a0:b0]):
+                    a, b = a + a0, b + a0
+                    ks, vs = gather.group_views(dev, offs[a], b - a, stride, lays[a])
+                    parts.append(gather.group_checksums(dev, offs[a], b - a, stride, lays[a]))
+                    for n, k, v in zip(range(a, b), ks, vs):
+                        lay = lays[n]
+                        out[hit[n]] = KVBlock(lay.fingerprint, lay.layers, lay.token_hash, k, v)
+                        sums_out[hit[n]] = vers[n].flat
             want = np.array([x.flat for x in vers], dtype=np.uint64)
             # one blocking read-back: it also waits for the copies above (same stream)
             got = (torch.cat(parts) if len(parts) > 1 else parts[0]).cpu()
@@ -250,19 +261,37 @@ class HostTier:
             self._count_block(b)
         return out, sums_out
 
-    def _copy_runs(self, dev: torch.Tensor, slots: list[Slot | None], offs: list[int]) -> None:
+    def _side_stream(self, device: torch.device):
+        if device.type != "cuda":
+            return None
+        st = self._streams.get(device)
+        if st is None:
+            st = self._streams[device] = torch.cuda.Stream(device)
+        return st
+
+    def _copy_runs(self, dev: torch.Tensor, slots: list[Slot | None], offs: list[int],
+                   events: bool = False) -> list[tuple[int, int, object]]:
         """Slab blocks -> their offsets in ``dev``: one copy per run of blocks back to back in a
-        slab (the device layout, 64-aligned back to back, is the slab's for such a run)."""
+        slab (the device layout, 64-aligned back to back, is the slab's for such a run).
+        Returns the runs [a, b) with a CUDA event after each copy (when ``events``)."""
+        out = []
         for a, b in contiguous_runs(slots):
             first, last = slots[a], slots[b - 1]
             nbytes = last.off + last.n - first.off
             dev[offs[a]:offs[a] + nbytes].copy_(self._pool.source(first.slab, first.off, nbytes),
                                                 non_blocking=True)
+            out.append((a, b, torch.cuda.Event() if events else None))
+            if events:
+                out[-1][2].record()
+        return out
 
-    def _copy_in(self, dev: torch.Tensor, bufs: list[torch.Tensor | None], offs: list[int]) -> None:
+    def _copy_in(self, dev: torch.Tensor, bufs: list[torch.Tensor | None], offs: list[int],
+                 events: bool = False) -> list[tuple[int, int, object]]:
         """Host buffers not in a slab (None: copied by ``_copy_runs``) -> their offsets in
         ``dev``: small blocks gathered through the pinned staging buffer in one copy (if
-        ``gather_below`` says so), the others one copy each."""
+        ``gather_below`` says so), the others one copy each. Returns each block as a segment
+        [n, n + 1) with one event after all of them (when ``events``)."""
+        todo = [n for n, b in enumerate(bufs) if b is not None]
         small = [n for n, b in enumerate(bufs) if b is not None and b.numel() < self.gather_below
                  and b.numel() % gather.ALIGN == 0]
         if len(small) > 1:
@@ -290,6 +319,11 @@ class HostTier:
         for n, b in enumerate(bufs):
             if b is not None:
                 dev[offs[n]:offs[n] + b.numel()].copy_(b, non_blocking=True)
+        done = None
+        if events and todo:
+            done = torch.cuda.Event()
+            done.record()
+        return [(n, n + 1, done) for n in todo]
 
     def _stage(self, n: int) -> torch.Tensor:
         if self._staging is None or self._staging.numel() < n:
