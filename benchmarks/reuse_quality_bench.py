@@ -298,7 +298,7 @@ def variant_effects(records: list[dict], main_r: float) -> list[dict]:
     mn, deep = f"+min{MIN_BUDGET}", f",c={DEEP_C}"
     by = {(r["family"], r["followup"], r["mode"]): r for r in records}
     out = []
-    for var, base in ((dh + mn, dh), (cb + mn, cb), (dh + deep, dh), (dh + deep + mn, dh)):
+    for var, base in ((dh + mn, dh), (cb + mn, cb), (dh + deep, dh), (dh + deep + mn, dh + deep)):
         keys = sorted({(f, u) for f, u, m in by if m == var} & {(f, u) for f, u, m in by if m == base})
         if not keys:
             continue

@@ -48,7 +48,7 @@ class ReuseConfig(_Section):
     epic_tokens: int = Field(default=32, ge=0)
     suffix_tokens: int = Field(default=1, ge=1)  # last prompt tokens always recomputed
     # dhd/cacheblend: recompute at least min(this, candidates) reused tokens (0: r alone decides)
-    min_recompute: int = Field(default=0, ge=0)
+    min_recompute: int = Field(default=16, ge=0)
 
 
 class IndexConfig(_Section):

@@ -40,7 +40,9 @@ class ReuseSettings:
     decode_recompute: int = 3
     epic_tokens: int = 32
     suffix_tokens: int = 1
-    min_recompute: int = 0  # dhd/cacheblend: recompute at least min(this, candidates) reused tokens
+    # dhd/cacheblend: recompute at least min(this, candidates) reused tokens; 16 measured in
+    # benchmarks/reuse_quality.json (a long exact prefix leaves r x few candidates)
+    min_recompute: int = 16
 
     def validate(self, num_layers: int) -> None:
         if self.mode not in MODES:
