@@ -1,6 +1,6 @@
 """Output quality of KV reuse on CPU: SmolLM2-135M-Instruct (real weights), prompts from real text.
 
-    python benchmarks/reuse_quality_bench.py                      # the full run (~25 min, 2 cores)
+    python benchmarks/reuse_quality_bench.py                      # the full run (~30 min, 2 cores)
     python benchmarks/reuse_quality_bench.py --quick --families 1 # smoke test (< 1 min)
 
 For each prompt family (kinds: reordered_documents, changed_instruction, inserted_sentences,
