@@ -140,3 +140,21 @@ def test_tcp_server_ignores_partial_push(tcp_server):
     assert "p" not in tcp_server.pushed
     # and the server still serves others
     _check(["b00"], TCPClient("127.0.0.1", tcp_server.port).fetch(["b00"]))
+
+
+def test_body_pool_reuses_a_buffer_only_when_no_view_is_alive():
+    from transport.channels.tcp import BodyPool
+    pool = BodyPool(max_buffers=2)
+    a = pool.take(1 << 20)
+    a[:4] = [1, 2, 3, 4]
+    view = memoryview(a)[:4]  # a block still held by its reader
+    del a
+    b = pool.take(1 << 20)
+    b[:4] = 9
+    assert bytes(view) == bytes([1, 2, 3, 4])  # a second buffer, not the held one
+    del view, b
+    c = pool.take(1 << 20)
+    assert any(c.base is p for p in pool._bufs)  # a pooled buffer again, not a third one
+    assert len(pool._bufs) == 2 and c.ctypes.data % 64 == 0
+    big = pool.take(8 << 20)  # no pooled buffer that size fits: a fresh one
+    assert big.nbytes == 8 << 20
