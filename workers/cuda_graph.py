@@ -11,6 +11,8 @@ slot is reserved for the captures' warm-up writes.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
+from typing import Callable
 
 import torch
 
@@ -20,6 +22,36 @@ from workers.model_runner import LlamaRunner, Positions
 
 BUCKET = 1024
 log = logging.getLogger(__name__)
+
+
+def key_bucket(n_keys: int, capacity: int) -> int:
+    return min(-(-n_keys // BUCKET) * BUCKET, capacity)
+
+
+@contextmanager
+def attending_over(pool: KVCache, keys: int):
+    """Layers attend over the pool's first ``keys`` slots while capturing."""
+    saved, pool.length = pool.length, keys
+    try:
+        yield
+    finally:
+        pool.length = saved
+
+
+def capture(runner: LlamaRunner, body: Callable[[], torch.Tensor], mempool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Warm ``body`` up twice on a side stream (compiles the fused pieces), then capture it with
+    fusion on, in ``mempool`` (shared: an engine's graphs never run at once)."""
+    dev = runner.device
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with runner.fusing(), torch.cuda.stream(side):
+        for _ in range(2):
+            body()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with runner.fusing(), torch.cuda.graph(graph, pool=mempool):
+        out = body()
+    return graph, out
 
 
 class GraphedStep:
@@ -32,35 +64,22 @@ class GraphedStep:
         self.mempool = None
 
     def bucket(self, position: int) -> int:
-        return min(-(-(position + 1) // BUCKET) * BUCKET, self.pool.capacity)
+        return key_bucket(position + 1, self.pool.capacity)
 
     def _body(self, keys: int) -> torch.Tensor:
         r = self.runner
-        saved, self.pool.length = self.pool.length, keys
-        try:
+        with attending_over(self.pool, keys):
             p = Positions.build(r, self.pos, "mask", keys)
             h = r.embed(self.tok)
             for layer in range(r.spec.num_layers):
                 h = r.layer(layer, h, p, self.pool)
             return r.logits(h)
-        finally:
-            self.pool.length = saved
 
     def _capture(self, keys: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        dev = self.runner.device
         self.pos.fill_(self.pool.capacity - 1)  # warm-up writes land in the reserved slot
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with self.runner.fusing(), torch.cuda.stream(side):
-            for _ in range(2):
-                self._body(keys)
-        torch.cuda.current_stream(dev).wait_stream(side)
         if self.mempool is None:
             self.mempool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with self.runner.fusing(), torch.cuda.graph(graph, pool=self.mempool):  # one pool: graphs never run at once
-            logits = self._body(keys)
-        return graph, logits
+        return capture(self.runner, lambda: self._body(keys), self.mempool)
 
     def __call__(self, token: int | torch.Tensor, position: int) -> torch.Tensor:
         """Logits [vocab] for ``token`` at ``position``; its K/V land in the pool."""
@@ -99,9 +118,8 @@ class GraphedLayers:
     a dense mask by position (FlexAttention's block mask is rebuilt per pass, which a graph cannot).
     """
 
-    def __init__(self, runner: LlamaRunner, pool: KVCache, k_pre_pool: KVCache | None = None) -> None:
+    def __init__(self, runner: LlamaRunner, pool: KVCache) -> None:
         self.runner, self.pool = runner, pool
-        self.k_pre_pool = k_pre_pool
         self.graphs: dict[tuple, tuple] = {}
         self.mempool = None
 
@@ -118,7 +136,7 @@ class GraphedLayers:
                  k_pre_out: torch.Tensor | None = None) -> torch.Tensor:
         m = h.shape[0]
         mb = next(b for b in M_BUCKETS if b >= m)
-        nb = min(-(-n_keys // BUCKET) * BUCKET, self.pool.capacity)
+        nb = key_bucket(n_keys, self.pool.capacity)
         key = (first, mb, nb, k_pre_out is not None)
         if key not in self.graphs:
             self.graphs[key] = self._capture(first, mb, nb, k_pre_out)
@@ -131,29 +149,18 @@ class GraphedLayers:
 
     def _body(self, first: int, h: torch.Tensor, pos: torch.Tensor, keys: int, k_pre_out) -> torch.Tensor:
         r = self.runner
-        saved, self.pool.length = self.pool.length, keys
-        try:
+        with attending_over(self.pool, keys):
             p = Positions.build(r, pos, "mask", keys)
             p.block_mask = None
             for layer in range(first, r.spec.num_layers):
                 h = r.layer(layer, h, p, self.pool, k_pre_out=k_pre_out)
             return h
-        finally:
-            self.pool.length = saved
 
     def _capture(self, first: int, mb: int, keys: int, k_pre_out):
         r, dev = self.runner, self.runner.device
         h_in = torch.zeros(mb, r.spec.hidden_size, dtype=r.dtype, device=dev)
         pos_in = torch.full((mb,), self.pool.capacity - 1, dtype=torch.long, device=dev)
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with r.fusing(), torch.cuda.stream(side):
-            for _ in range(2):
-                self._body(first, h_in, pos_in, keys, k_pre_out)
-        torch.cuda.current_stream(dev).wait_stream(side)
         if self.mempool is None:
             self.mempool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with r.fusing(), torch.cuda.graph(graph, pool=self.mempool):
-            out = self._body(first, h_in, pos_in, keys, k_pre_out)
+        graph, out = capture(r, lambda: self._body(first, h_in, pos_in, keys, k_pre_out), self.mempool)
         return graph, h_in, pos_in, out

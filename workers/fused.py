@@ -34,8 +34,9 @@ def _post_attn(h: torch.Tensor, attn: torch.Tensor, w_o: torch.Tensor, norm_w: t
     return h + F.linear(F.silu(gate) * up, w_down)
 
 
-def _attend_one(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
-                scale: float) -> torch.Tensor:
+def attend_one(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+               scale: float) -> torch.Tensor:
+    """One query per KV group row over all keys, by batched matmuls (the one-token graph step)."""
     scores = torch.matmul(qf * scale, k.transpose(1, 2)).float()
     scores = scores.masked_fill(~allowed, float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
@@ -47,6 +48,6 @@ _compiled: dict[str, object] = {}
 def compiled(name: str):
     fn = _compiled.get(name)
     if fn is None:
-        fn = _compiled[name] = torch.compile({"pre": _pre_attn, "post": _post_attn, "one": _attend_one}[name],
+        fn = _compiled[name] = torch.compile({"pre": _pre_attn, "post": _post_attn, "one": attend_one}[name],
                                              dynamic=True, fullgraph=True)
     return fn

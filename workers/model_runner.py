@@ -19,7 +19,7 @@ import xxhash
 from workers import fused
 from workers.kv_cache import KVCache
 from workers.model_spec import ModelSpec
-from workers.rope import Rope, apply_rope, apply_rope_fused
+from workers.rope import Rope, apply_rope
 
 try:  # block-sparse attention with a causal mask by position, compiled once (CUDA only)
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -174,8 +174,6 @@ class LlamaRunner:
 
     def rotate(self, k_pre: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         cos, sin = self.rope.cos_sin(positions, k_pre.dtype)
-        if k_pre.is_cuda and k_pre.numel() > (1 << 20):  # bulk donor placement: one fused kernel
-            return apply_rope_fused(k_pre, cos, sin)
         return apply_rope(k_pre, cos, sin)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: "Positions") -> torch.Tensor:
@@ -234,11 +232,8 @@ class LlamaRunner:
 
     def _attend_one(self, qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     mask: torch.Tensor) -> torch.Tensor:
-        if self._fusing:
-            return fused.compiled("one")(qf, k, v, mask[0], self.scale)
-        scores = torch.matmul(qf * self.scale, k.transpose(1, 2)).float()
-        scores.masked_fill_(~mask[0], float("-inf"))
-        return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+        attend = fused.compiled("one") if self._fusing else fused.attend_one
+        return attend(qf, k, v, mask[0], self.scale)
 
     def attention_received(self, q: torch.Tensor, k: torch.Tensor, q_positions: torch.Tensor,
                            n_keys: int, chunk: int = 256) -> torch.Tensor:

@@ -52,15 +52,3 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
-
-
-_FUSED = None
-
-
-def apply_rope_fused(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """apply_rope as one compiled kernel: moving a whole prompt's donor keys is bandwidth-bound,
-    and the eager version reads and writes the keys five times."""
-    global _FUSED
-    if _FUSED is None:
-        _FUSED = torch.compile(apply_rope, dynamic=True)
-    return _FUSED(x, cos, sin)
