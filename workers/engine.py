@@ -74,18 +74,23 @@ class PrefillStats:
 
 @dataclass
 class Sequence:
-    token_ids: list[int]
+    prompt: np.ndarray  # int64 ids (a list of 8k ints costs ~0.2 ms to build and compare)
     prompt_len: int
     cache: KVCache
     settings: ReuseSettings
     stats: PrefillStats
     k_pre: torch.Tensor | None = None  # pre-RoPE keys of the prompt, for the stored segment
-    hidden_c: torch.Tensor | None = None  # layer-c output of the prompt, for DHD decode
+    hidden_c: torch.Tensor | None = None  # layer c's input for the prompt, for DHD decode
     hidden_offset: int = 0  # position of hidden_c's first row (the exact prefix is skipped)
     deviation: torch.Tensor | None = None  # per-position V deviation at layer c (0 if fresh)
     stale: torch.Tensor | None = None  # bool per prompt position: reused and not recomputed
     decode_recomputed: int = 0
     exact_len: int = 0  # leading positions whose KV is what full compute gives (pool reuse)
+    generated: list[int] = field(default_factory=list)  # tokens fed to decode_step
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt.tolist() + self.generated
 
 
 @dataclass
@@ -209,7 +214,7 @@ class ReuseEngine:
         placed = [p for p in placed if p.size]
         return placed[0] if len(placed) == 1 else np.sort(np.concatenate(placed))
 
-    def _resident(self, ids: list[int], plan: ReusePlan, cache: KVCache, keep_segment: bool) -> int:
+    def _resident(self, ids: np.ndarray, plan: ReusePlan, cache: KVCache, keep_segment: bool) -> int:
         """How many of the plan's exact-prefix tokens the KV pool already holds, exactly, from the
         previous pooled sequence (a chat's next turn): those need no copy. Not when the prompt's
         segment is kept, since its pre-RoPE keys would then be copied anyway."""
@@ -217,10 +222,8 @@ class ReuseEngine:
         if not self.pool_reuse or cache is not self._pool or old is None or keep_segment or old.exact_len == 0:
             return 0
         k = min(old.exact_len, plan.prefix_len, len(ids))
-        if old.token_ids[:k] == ids[:k]:  # list compare: ~20x faster than via numpy
-            return k
-        same = np.asarray(old.token_ids[:k]) == np.asarray(ids[:k])
-        return int(np.argmin(same))
+        same = old.prompt[:k] == ids[:k]
+        return k if same.all() else int(np.argmin(same))
 
     # ---- prefill ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -231,16 +234,15 @@ class ReuseEngine:
         st.validate(self.runner.spec.num_layers)
         t0 = time.perf_counter()
         arr = self.prompt_array(token_ids, max_tokens)
-        ids = arr.tolist()
-        r, n = self.runner, len(ids)
+        r, n = self.runner, len(arr)
         if self._pool is not None and n + max_tokens < self._pool.capacity:
             cache = self._pool  # the previous pooled sequence is finished by now
         else:
             cache = r.new_cache(n + max_tokens)
         cache.length = n
-        seq = Sequence(ids, n, cache, st, PrefillStats(prompt_tokens=n))
+        seq = Sequence(arr, n, cache, st, PrefillStats(prompt_tokens=n))
         plan = self._effective_plan(plan, st, n)
-        resident = self._resident(ids, plan, cache, keep_segment) if plan is not None else 0
+        resident = self._resident(arr, plan, cache, keep_segment) if plan is not None else 0
         if cache is self._pool:
             self._pool_owner = seq
         if keep_segment and cache is self._pool:
@@ -344,7 +346,9 @@ class ReuseEngine:
         h = r.embed(self._tokens(ids[prefix:]))
         for l in range(c):
             h = r.layer(l, h, p_all, seq.cache, k_pre_out=seq.k_pre)
-        h, q = r.layer(c, h, p_all, seq.cache, k_pre_out=seq.k_pre, want_q=True)
+        # layer c's K/V for every token (deviation, attention received); the rest of layer c runs
+        # only for the tokens recomputed above it: the others' hidden states are never read
+        q = r.write_kv(c, h, p_all, seq.cache, k_pre_out=seq.k_pre)
         dev = r.all_reduce(v_deviation(seq.cache.v[slot_c][:, cand], v_reused))  # all KV heads under TP
         if st.mode == "dhd":
             attn = r.attention_received(q[:, must_pos - prefix], seq.cache.k[slot_c, :, :n], must_pos, n)
@@ -356,11 +360,11 @@ class ReuseEngine:
             compute = torch.zeros(n, dtype=torch.bool, device=r.device)
             compute[sel] = True
             self._keep_for_decode(seq, h, prefix, cand, dev, compute)
-        hs = self._layers(seq, h[sel - prefix], sel, c + 1, n)
+        hs = self._layers(seq, h[sel - prefix], sel, c, n)
         s = seq.stats
         s.reused_tokens, s.computed_tokens = len(reused), int(must_np.sum())
         s.recomputed_tokens = len(chosen)
-        s.flops_fraction = ((c + 1) * (n - prefix) + (L - c - 1) * len(sel)) / (L * n)
+        s.flops_fraction = ((c + r.qkv_flop_share()) * (n - prefix) + (L - c) * len(sel)) / (L * n)
         return r.logits(hs[-1:])[0]
 
     def _keep_for_decode(self, seq: Sequence, h_c: torch.Tensor, offset: int, cand: torch.Tensor,
@@ -384,7 +388,7 @@ class ReuseEngine:
         if t >= seq.cache.capacity:
             seq.cache.grow(t + 64)
         seq.cache.length = t + 1
-        seq.token_ids.append(token)
+        seq.generated.append(token)
         k = seq.settings.decode_recompute
         recompute = k > 0 and seq.stale is not None and bool(seq.stale.any())
         if not recompute and self._graphable(seq):  # the graph embeds and positions by itself
@@ -419,7 +423,7 @@ class ReuseEngine:
         p = r.positions(pos, "tail", n)
         for l in range(c):
             h = r.layer(l, h, p, seq.cache)
-        h, q = r.layer(c, h, p, seq.cache, want_q=True)
+        q = r.write_kv(c, h, p, seq.cache)
         attn = r.attention_received(q, seq.cache.k[r.kv_slot[c], :, :n], pos, n)[:seq.prompt_len]
         score = torch.where(seq.stale, attn * seq.deviation, torch.full_like(attn, -1.0))
         chosen = torch.topk(score, min(k, int(seq.stale.sum()))).indices.sort().values
@@ -428,7 +432,7 @@ class ReuseEngine:
         sel = torch.cat([chosen, pos])
         hs = torch.cat([seq.hidden_c[chosen - seq.hidden_offset], h])
         p_sel = r.positions(sel, "mask", n)
-        for l in range(c + 1, r.spec.num_layers):
+        for l in range(c, r.spec.num_layers):
             hs = r.layer(l, hs, p_sel, seq.cache)
         return r.logits(hs[-1:])[0]
 
@@ -469,7 +473,7 @@ class ReuseEngine:
             raise InvalidParameterError("this sequence's KV pool was taken by a newer request; store its segment first")
         n = seq.prompt_len
         dev = device or self.runner.device
-        return SegmentKV(segment_id, self.runner.fingerprint, np.asarray(seq.token_ids[:n], dtype=np.int32),
+        return SegmentKV(segment_id, self.runner.fingerprint, seq.prompt[:n].astype(np.int32),
                          seq.k_pre[:, :, :n].to(dev).clone(), seq.cache.v[:, :, :n].to(dev).clone(),
                          self.runner.kv_layers, tenant, scope)
 

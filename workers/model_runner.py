@@ -259,31 +259,40 @@ class LlamaRunner:
         return F.linear(F.silu(gate) * up, lw.w_down)
 
     # ---- one layer over a subset of tokens ------------------------------------------------
-    def layer(self, layer: int, h: torch.Tensor, p: "Positions | torch.Tensor", cache: KVCache,
-              layout: str | None = None, k_pre_out: torch.Tensor | None = None, want_q: bool = False):
-        """Run ``layer`` for tokens at positions ``p`` (sorted, cache slot = position). Writes their
-        K/V into the cache before attention, so the subset sees its own fresh KV, and returns the
-        new hidden states (and the rotated queries when ``want_q``)."""
-        if not isinstance(p, Positions):
-            p = self.positions(p, layout or "mask", cache.length)
+    def write_kv(self, layer: int, h: torch.Tensor, p: "Positions", cache: KVCache,
+                 k_pre_out: torch.Tensor | None = None) -> torch.Tensor:
+        """The first part of ``layer``: K/V of the tokens at ``p`` into the cache; returns their
+        rotated queries. DHD's check layer stops here for the tokens it does not recompute."""
         lw, s = self.layers[layer], self.spec
-        fuse = self._fusing and self.reduce is None
-        if fuse and k_pre_out is None and lw.w_qkv.shape[0] > s.q_size:
+        if self._fusing and self.reduce is None and k_pre_out is None and lw.w_qkv.shape[0] > s.q_size:
             q, k, v = fused.compiled("pre")(h, lw.attn_norm, lw.w_qkv, lw.b_qkv, p.cos, p.sin, s.rms_norm_eps,
                                             s.num_heads, s.num_kv_heads, s.head_dim)
         else:
             q, k, v = self.qkv(layer, h, p, k_pre_out)
-        slot = self.kv_slot[layer]
         if k is not None:
-            cache.write(slot, p.pos, k, v, p.layout)
-        n = cache.length
+            cache.write(self.kv_slot[layer], p.pos, k, v, p.layout)
+        return q
+
+    def layer(self, layer: int, h: torch.Tensor, p: "Positions | torch.Tensor", cache: KVCache,
+              layout: str | None = None, k_pre_out: torch.Tensor | None = None) -> torch.Tensor:
+        """Run ``layer`` for tokens at positions ``p`` (sorted, cache slot = position). Writes their
+        K/V into the cache before attention, so the subset sees its own fresh KV, and returns the
+        new hidden states."""
+        if not isinstance(p, Positions):
+            p = self.positions(p, layout or "mask", cache.length)
+        q = self.write_kv(layer, h, p, cache, k_pre_out)
+        lw, s, slot, n = self.layers[layer], self.spec, self.kv_slot[layer], cache.length
         attn = self.attend(q, cache.k[slot, :, :n], cache.v[slot, :, :n], p)
-        if fuse:
-            h = fused.compiled("post")(h, attn, lw.w_o, lw.mlp_norm, lw.w_gate_up, lw.w_down, s.rms_norm_eps)
-        else:
-            h = h + self.all_reduce(F.linear(attn, lw.w_o))
-            h = h + self.all_reduce(self.mlp(layer, h))
-        return (h, q) if want_q else h
+        if self._fusing and self.reduce is None:
+            return fused.compiled("post")(h, attn, lw.w_o, lw.mlp_norm, lw.w_gate_up, lw.w_down, s.rms_norm_eps)
+        h = h + self.all_reduce(F.linear(attn, lw.w_o))
+        return h + self.all_reduce(self.mlp(layer, h))
+
+    def qkv_flop_share(self) -> float:
+        """The q/k/v projection's share of a layer's linear-layer FLOPs (0.12 for Llama-3-8B)."""
+        s = self.spec
+        qkv = s.q_size + 2 * s.kv_size
+        return qkv / (qkv + s.q_size + 3 * s.intermediate_size)
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,

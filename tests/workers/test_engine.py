@@ -181,3 +181,48 @@ def test_epic_leaves_the_exact_prefix_alone(tiny_runner):
     res, _ = eng.generate(new, plan, 1, settings=ReuseSettings(mode="epic", epic_tokens=8))
     moved_runs = len([s for s in plan.spans if s.new_end > plan.prefix_len])
     assert res.recomputed_tokens <= 8 * moved_runs
+
+
+@pytest.mark.parametrize("check_layer", [0, 1, 2])
+def test_check_layer_keeps_fresh_kv_and_its_input_for_decode(tiny_runner, check_layer):
+    """Layers 0..c-1 and layer c's K/V are fresh for every token; the rest of layer c runs only
+    for the recomputed tokens, so DHD decode restarts stale tokens from layer c's input, which
+    must be what a plain forward pass gives there."""
+    eng = _engine(tiny_runner)
+    donor = _ids(90, seed=11)
+    _store_donor(eng, donor)
+    new = donor[45:] + donor[:45]
+    plan = align(new, [("d", donor)])
+    st = ReuseSettings(mode="dhd", recompute_ratio=0.1, check_layer=check_layer, decode_recompute=3)
+    seq, _ = eng.prefill(new, plan, st, max_tokens=8)
+    full, _ = eng.prefill(new, None, ReuseSettings(mode="full"), max_tokens=8)
+    n, r = len(new), tiny_runner
+    for l in range(check_layer + 1):
+        assert torch.allclose(seq.cache.k[l, :, :n], full.cache.k[l, :, :n], atol=1e-4)
+        assert torch.allclose(seq.cache.v[l, :, :n], full.cache.v[l, :, :n], atol=1e-4)
+    cache = r.new_cache(n)
+    cache.length = n
+    h = r.embed(torch.tensor(new))
+    p = r.positions(torch.arange(n), "causal", n)
+    with torch.inference_mode():
+        for l in range(check_layer):
+            h = r.layer(l, h, p, cache)
+    assert seq.hidden_offset == 0
+    assert torch.allclose(seq.hidden_c, h, atol=1e-4)
+    before = int(seq.stale.sum())
+    eng.decode_step(seq, 5)
+    assert seq.decode_recomputed == 3 and int(seq.stale.sum()) == before - 3
+
+
+def test_check_layer_runs_only_qkv_for_tokens_not_recomputed(tiny_runner):
+    eng = _engine(tiny_runner)
+    donor = _ids(100, seed=12)
+    _store_donor(eng, donor)
+    new = donor[50:] + donor[:50]
+    plan = align(new, [("d", donor)])
+    seq, _ = eng.prefill(new, plan, ReuseSettings(mode="dhd", recompute_ratio=0.2, decode_recompute=0))
+    s, L, n = seq.stats, TINY.num_layers, len(new)
+    sel = s.computed_tokens + s.recomputed_tokens
+    share = tiny_runner.qkv_flop_share()
+    assert 0 < share < 0.5
+    assert s.flops_fraction == pytest.approx(((1 + share) * n + (L - 1) * sel) / (L * n))
