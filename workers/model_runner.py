@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 import xxhash
 
-from workers import fused
+from workers import decode_attention, fused
 from workers.kv_cache import KVCache
 from workers.model_spec import ModelSpec
 from workers.rope import Rope, apply_rope
@@ -88,6 +88,8 @@ class LlamaRunner:
         # one-token graph steps through FlexAttention's decoder: measured equal to batched matmuls
         # (0.85 vs 0.88 ms of attention per 8k-token step), so off; kept, tested, for longer contexts
         self.flex_decode = False
+        # one-token steps through the split-key Triton kernel (workers/decode_attention.py)
+        self.decode_kernel = self.device.type == "cuda" and decode_attention.triton is not None
         self._set_slots()
         self.fingerprint = self._fingerprint()
 
@@ -208,9 +210,12 @@ class LlamaRunner:
             mask = p.dense_mask(self)
             if q.is_cuda and m == 1 and p.layout == "mask":
                 # the CUDA-graph step: SDPA kernels parallelize over query blocks, which a single
-                # token does not have (8 CTAs on 132 SMs). FlexAttention's decoding kernel splits
-                # the keys instead, and its block mask, computed from the position tensor inside
-                # the graph, skips the blocks past the token; else batched matmuls over the keys
+                # token does not have (8 CTAs on 132 SMs). The split-key kernel, or FlexAttention's
+                # decoding kernel, splits the keys instead, masking by the position tensor inside
+                # the graph; else batched matmuls over the keys
+                if self.decode_kernel and decode_attention.available(q):
+                    o = decode_attention.attend_one_token(qf, k, v, p.pos, self.scale)
+                    return o.reshape(s.num_heads, 1, s.head_dim).transpose(0, 1).reshape(1, -1)
                 if self._fusing and self.use_flex and self.flex_decode:
                     k, v = _whole_rows(k), _whole_rows(v)  # strided K/V would be copied each layer
                     if p.block_mask is None:

@@ -173,6 +173,7 @@ def test_graph_step_flex_decoder_matches_matmul_attention():
     r = _runner(True)
     ids = torch.randint(0, SPEC.vocab_size, (700,)).tolist()
     outs = {}
+    r.decode_kernel = False
     for flex in (False, True):
         r.flex_decode = flex
         eng = ReuseEngine(r, InMemorySegmentStore(), static_tokens=2048)
@@ -181,3 +182,33 @@ def test_graph_step_flex_decoder_matches_matmul_attention():
     assert r.flex_decode, "the FlexAttention decoder fell back to matmuls"
     r.flex_decode = False
     assert outs[True] == outs[False]
+
+
+@pytest.mark.parametrize("n_keys,pos", [(1024, 0), (3072, 2500), (8192, 8191), (8192, 700), (1000, 999)])
+def test_split_key_decode_kernel_matches_matmuls(n_keys, pos):
+    from workers import decode_attention, fused
+    g = torch.Generator(device="cuda").manual_seed(n_keys + pos)
+    kv_heads, group, d, cap = 8, 4, 128, 9000
+    qf = torch.randn(kv_heads, group, d, device="cuda", generator=g).bfloat16()
+    k_pool = torch.randn(kv_heads, cap, d, device="cuda", generator=g).bfloat16()
+    v_pool = torch.randn(kv_heads, cap, d, device="cuda", generator=g).bfloat16()
+    k, v = k_pool[:, :n_keys], v_pool[:, :n_keys]  # strided cache slices, as in the graph step
+    pos_t = torch.tensor([pos], device="cuda")
+    allowed = (torch.arange(n_keys, device="cuda") <= pos_t)[None, :].expand(group, n_keys)
+    want = fused.attend_one(qf.float(), k.float(), v.float(), allowed, d ** -0.5)
+    got = decode_attention.attend_one_token(qf, k, v, pos_t, d ** -0.5)
+    assert got.shape == want.shape and got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), want, atol=2e-2, rtol=2e-2), (got.float() - want).abs().max()
+
+
+def test_graph_step_split_key_kernel_matches_matmul_attention():
+    r = _runner(True)
+    ids = torch.randint(0, SPEC.vocab_size, (1500,)).tolist()
+    outs = {}
+    for kernel in (False, True):
+        r.decode_kernel = kernel
+        eng = ReuseEngine(r, InMemorySegmentStore(), static_tokens=2048)
+        res, _ = eng.generate(ids, None, 10, settings=ReuseSettings(mode="full"))
+        outs[kernel] = (res.token_ids, res.first_logits)
+    assert outs[True][0] == outs[False][0]
+    assert torch.allclose(outs[True][1], outs[False][1], atol=1e-3)
