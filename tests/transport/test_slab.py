@@ -55,9 +55,13 @@ def _slots(*spec):
 def test_contiguous_runs():
     s = _slots((0, 0, 100), (0, 128, 64), (0, 192, 1), (1, 256, 64), (1, 320, 64), None,
                (1, 384, 64), (0, 0, 64))
-    assert contiguous_runs(s) == [(0, 3), (3, 5), (6, 7), (7, 8)]
-    assert contiguous_runs(_slots((0, 128, 64), (0, 0, 128))) == [(0, 1), (1, 2)]  # reversed
-    assert contiguous_runs([]) == [] and contiguous_runs([None]) == []
+    assert list(contiguous_runs(s)) == [(0, 3), (3, 5), (6, 7), (7, 8)]
+    assert list(contiguous_runs(_slots((0, 128, 64), (0, 0, 128)))) == [(0, 1), (1, 2)]  # reversed
+    assert list(contiguous_runs([])) == [] and list(contiguous_runs([None])) == []
+    # a run stops before it would pass max_bytes (copies start before the rest is planned)
+    four = _slots((0, 0, 64), (0, 64, 64), (0, 128, 64), (0, 192, 10))
+    assert list(contiguous_runs(four, max_bytes=128)) == [(0, 2), (2, 4)]
+    assert list(contiguous_runs(four, max_bytes=64)) == [(0, 1), (1, 2), (2, 3), (3, 4)]
     assert align_up(1) == 64 and align_up(128) == 128
 
 
@@ -72,7 +76,7 @@ def test_host_tier_packs_blocks_back_to_back_and_reads_in_one_copy(monkeypatch):
     tier.put_many(blocks)
     keys = [k for k, _ in blocks]
     slots = [tier._slots[k] for k in keys]
-    assert contiguous_runs(slots) == [(0, 6)]
+    assert list(contiguous_runs(slots)) == [(0, 6)]
     copies = []
     real = tier._copy_runs
 

@@ -54,6 +54,17 @@ class LRUBytes(Generic[V]):
             self._d.move_to_end(key)
             return e[0]
 
+    def get_many(self, keys: Sequence[str]) -> list[V | None]:
+        """``get`` of each key under one lock (a read of hundreds of blocks)."""
+        d, out = self._d, []
+        with self.lock:
+            for k in keys:
+                e = d.get(k)
+                if e is not None:
+                    d.move_to_end(k)
+                out.append(None if e is None else e[0])
+        return out
+
     def put(self, key: str, value: V, nbytes: int) -> list[str] | None:
         """Insert; returns the keys evicted to make room, or None if it can never fit."""
         if nbytes > self.budget:

@@ -37,6 +37,9 @@ from transport.tiers.base import LRUBytes, TierStats
 from transport.tiers.slab import ALIGN as SLAB_ALIGN, SlabPool, Slot, contiguous_runs
 
 DEFAULT_SLAB_BYTES = 64 << 20
+# a run of blocks is copied in pieces of at most this: the first copy starts after a few blocks
+# are planned, not a whole slab's, and the rest of the planning overlaps it
+RUN_COPY_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -209,7 +212,7 @@ class HostTier:
 
     def _get_many_to_device(self, keys: Sequence[str], device: torch.device | str
                             ) -> tuple[list[KVBlock | None], list[tuple | None]]:
-        entries = [self._lru.get(k) for k in keys]
+        entries = self._lru.get_many(keys)
         hit = [i for i, e in enumerate(entries) if e is not None and e[1] is not None]
         out: list[KVBlock | None] = [None] * len(keys)
         sums_out: list[tuple | None] = [None] * len(keys)
@@ -217,13 +220,11 @@ class HostTier:
             if e is not None and e[1] is None:  # device_verify): verify the slow way
                 self._discard(keys[i])
         if hit:
-            slots: list[Slot | None] = []
-            bufs: list[torch.Tensor | None] = []
-            for i in hit:
-                s = self._slots.get(keys[i])
-                s = s if s is not None and s.view is entries[i][0] else None
-                slots.append(s)
-                bufs.append(None if s is not None else _as_u8(entries[i][0]))
+            # (list comprehensions: this is all host work before the first copy is issued)
+            slot_of, bufs_in = self._slots.get, [entries[i][0] for i in hit]
+            slots: list[Slot | None] = [slot_of(keys[i]) for i in hit]
+            slots = [s if s is not None and s.view is b else None for s, b in zip(slots, bufs_in)]
+            bufs: list[torch.Tensor | None] = [None if s is not None else _as_u8(b) for s, b in zip(slots, bufs_in)]
             offs, total = gather.plan_layout([s.n if s is not None else b.numel()
                                               for s, b in zip(slots, bufs)])
             dev = torch.empty(max(total, gather.ALIGN), dtype=torch.uint8, device=device)
@@ -275,7 +276,7 @@ class HostTier:
         slab (the device layout, 64-aligned back to back, is the slab's for such a run).
         Returns the runs [a, b) with a CUDA event after each copy (when ``events``)."""
         out = []
-        for a, b in contiguous_runs(slots):
+        for a, b in contiguous_runs(slots, RUN_COPY_BYTES):
             first, last = slots[a], slots[b - 1]
             nbytes = last.off + last.n - first.off
             dev[offs[a]:offs[a] + nbytes].copy_(self._pool.source(first.slab, first.off, nbytes),

@@ -18,7 +18,7 @@ import bisect
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -181,20 +181,21 @@ class SlabPool:
         return self.slabs[slab][off:off + nbytes]
 
 
-def contiguous_runs(slots: Sequence[Slot | None]) -> list[tuple[int, int]]:
+def contiguous_runs(slots: Sequence[Slot | None], max_bytes: int | None = None
+                    ) -> Iterator[tuple[int, int]]:
     """Maximal runs [a, b) of consecutive slots that lie back to back in one slab, in this order
-    (each next one at the previous one's offset + its aligned size); None breaks a run.
-    A run [a, b) is the slab bytes [slots[a].off, slots[b-1].off + slots[b-1].n)."""
-    out: list[tuple[int, int]] = []
+    (each next one at the previous one's offset + its aligned size); None breaks a run, and so
+    does reaching ``max_bytes``. A run [a, b) is the slab bytes [slots[a].off, slots[b-1].off +
+    slots[b-1].n). A generator: a caller can start copying the first run before the rest are found."""
     n, a = len(slots), 0
     while a < n:
         if slots[a] is None:
             a += 1
             continue
-        b = a + 1
-        while b < n and slots[b] is not None and slots[b].slab == slots[b - 1].slab \
-                and slots[b].off == slots[b - 1].off + slots[b - 1].span:
+        b, end = a + 1, slots[a].off + slots[a].span
+        while b < n and (s := slots[b]) is not None and s.slab == slots[a].slab and s.off == end \
+                and (max_bytes is None or end + s.n - slots[a].off <= max_bytes):
+            end += s.span
             b += 1
-        out.append((a, b))
+        yield a, b
         a = b
-    return out
