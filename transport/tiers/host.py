@@ -274,16 +274,27 @@ class HostTier:
                    events: bool = False) -> list[tuple[int, int, object]]:
         """Slab blocks -> their offsets in ``dev``: one copy per run of blocks back to back in a
         slab (the device layout, 64-aligned back to back, is the slab's for such a run).
-        Returns the runs [a, b) with a CUDA event after each copy (when ``events``)."""
-        out = []
+        Returns segments [a, b) of neighbouring runs, ~RUN_COPY_BYTES each, with a CUDA event
+        after their copies (when ``events``): blocks read out of order are single-block runs, and
+        one event and one checksum group per block would cost more than the copies."""
+        out: list[tuple[int, int, object]] = []
+        seg_a = seg_b = None
+        pending = 0
         for a, b in contiguous_runs(slots, RUN_COPY_BYTES):
+            if seg_a is not None and a != seg_b:  # a block not in a slab in between
+                out.append((seg_a, seg_b, _recorded() if events else None))
+                seg_a, pending = None, 0
             first, last = slots[a], slots[b - 1]
             nbytes = last.off + last.n - first.off
             dev[offs[a]:offs[a] + nbytes].copy_(self._pool.source(first.slab, first.off, nbytes),
                                                 non_blocking=True)
-            out.append((a, b, torch.cuda.Event() if events else None))
-            if events:
-                out[-1][2].record()
+            seg_a, seg_b = (a if seg_a is None else seg_a), b
+            pending += nbytes
+            if pending >= RUN_COPY_BYTES:
+                out.append((seg_a, seg_b, _recorded() if events else None))
+                seg_a, pending = None, 0
+        if seg_a is not None:
+            out.append((seg_a, seg_b, _recorded() if events else None))
         return out
 
     def _copy_in(self, dev: torch.Tensor, bufs: list[torch.Tensor | None], offs: list[int],
@@ -390,6 +401,12 @@ class _SlabLRU(LRUBytes):
             self.used -= n
             self._on_drop(k, v)
             return k
+
+
+def _recorded() -> torch.cuda.Event:
+    ev = torch.cuda.Event()
+    ev.record()
+    return ev
 
 
 def _view(buf) -> memoryview:
