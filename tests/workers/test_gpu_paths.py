@@ -39,6 +39,27 @@ def test_flex_matches_dense_mask(monkeypatch):
     assert torch.allclose(outs[0], outs[1], atol=2e-3)
 
 
+def test_flex_over_a_larger_slot_ignores_rows_past_the_keys(monkeypatch):
+    """FlexAttention reads the whole cache slot (contiguous); rows past the pass's keys hold
+    stale KV of an earlier, longer sequence and must not change the result."""
+    from workers import model_runner
+    monkeypatch.setattr(model_runner, "FLEX_MIN_QUERIES", 16)
+    monkeypatch.setattr(model_runner, "FLEX_MIN_KEYS", 16)
+    ids = torch.randint(0, SPEC.vocab_size, (700,), device="cuda")
+    sel = torch.tensor(sorted(set(torch.randint(0, 700, (150,)).tolist()) | {699}), device="cuda")
+    outs = []
+    for flex, cap in ((False, 700), (True, 1000)):
+        r = _runner(flex)
+        cache = r.new_cache(cap)
+        cache.k[:, :, 700:] = 50 * torch.randn_like(cache.k[:, :, 700:])
+        cache.v[:, :, 700:] = 50 * torch.randn_like(cache.v[:, :, 700:])
+        cache.length = 700
+        r.forward(ids, torch.arange(700, device="cuda"), cache, "causal")
+        outs.append(r.logits(r.forward(ids[sel], sel, cache, "mask")))
+        assert r.flex_failures == 0
+    assert torch.allclose(outs[0], outs[1], atol=2e-3)
+
+
 def test_graph_step_matches_eager_decode():
     r = _runner(True)
     store = InMemorySegmentStore()
