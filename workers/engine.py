@@ -144,7 +144,7 @@ class ReuseEngine:
             token_ids = token_ids.detach().cpu().numpy()
         arr = None
         if isinstance(token_ids, np.ndarray):
-            arr = token_ids
+            arr = token_ids.copy()  # the sequence keeps it: a caller reusing its buffer must not change it
         elif isinstance(token_ids, (list, tuple)):
             try:  # with the dtype given, numpy skips type inference: 2x faster on long lists
                 arr = np.fromiter(token_ids, dtype=np.int64, count=len(token_ids))

@@ -226,3 +226,12 @@ def test_check_layer_runs_only_qkv_for_tokens_not_recomputed(tiny_runner):
     share = tiny_runner.qkv_flop_share()
     assert 0 < share < 0.5
     assert s.flops_fraction == pytest.approx(((1 + share) * n + (L - 1) * sel) / (L * n))
+
+
+def test_sequence_keeps_its_own_copy_of_an_array_prompt(tiny_runner):
+    eng = _engine(tiny_runner)
+    arr = np.asarray(_ids(20), dtype=np.int64)
+    seq, _ = eng.prefill(arr, None, ReuseSettings(mode="full"))
+    want = arr.copy()
+    arr[:] = 0  # a caller reusing its buffer
+    assert (seq.prompt == want).all() and seq.token_ids == want.tolist()
