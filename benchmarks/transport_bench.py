@@ -77,8 +77,7 @@ def row(bench: str, size: int, n: int, ours_s: float, raw_s: float, ours: str, r
 def machine() -> dict:
     info = {"platform": platform.platform(), "processor": platform.processor(),
             "machine": platform.machine(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None}
+            "cpu_count": os.cpu_count(), "torch": torch.__version__}
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info
@@ -87,10 +86,16 @@ def machine() -> dict:
 # -- CPU: Redis ------------------------------------------------------------------------------------
 def bench_redis(sizes, total, url) -> list[dict]:
     import redis
+    from redis.connection import Encoder, PythonRespSerializer
+
     from transport.tiers.redis_tier import RedisTier
 
     rows = []
     raw = redis.Redis.from_url(url)
+    # redis-py's pure-Python packer passes a large bytes value to sendall as it is (no copy);
+    # the default hiredis packer copies it into the packed command first
+    nocopy = redis.Redis.from_url(url, command_packer=PythonRespSerializer(
+        6000, Encoder("utf-8", "strict", False).encode))
     tier = RedisTier(url, prefix=f"kvc-bench-{uuid.uuid4().hex[:8]}:", ttl_s=600,
                      max_block_bytes=64 << 20)
     try:
@@ -107,6 +112,12 @@ def bench_redis(sizes, total, url) -> list[dict]:
                     p.set(k, v, ex=600)
                 p.execute()
 
+            def raw_set_nocopy():
+                p = nocopy.pipeline(transaction=False)
+                for k, v in zip(rkeys, enc):
+                    p.set(k, v, ex=600)
+                p.execute()
+
             def raw_get():
                 p = raw.pipeline(transaction=False)
                 for k in rkeys:
@@ -118,6 +129,7 @@ def bench_redis(sizes, total, url) -> list[dict]:
 
             pre = list(zip(keys, enc))
             t = paired({"put": lambda: tier.put_many(blocks), "rawput": raw_set,
+                        "rawputnc": raw_set_nocopy,
                         "putenc": lambda: tier.put_encoded_many(pre),
                         "get": tier_get, "rawget": raw_get})
             t_put, t_rawput, t_get, t_rawget = t["put"], t["rawput"], t["get"], t["rawget"]
@@ -125,8 +137,15 @@ def bench_redis(sizes, total, url) -> list[dict]:
                             "RedisTier.get_many (pipelined GET + verify + decode)",
                             "redis-py pipelined GET of the same bytes"))
             rows.append(row("redis_put", size, n, t_put, t_rawput,
-                            "RedisTier.put_many (encode: xxh64 + one copy, then pipelined SET EX)",
-                            "redis-py pipelined SET EX of pre-encoded bytes"))
+                            "RedisTier.put_many (encode: header + xxh64; the header and the "
+                            "tensors' memory sent as they are, no copy)",
+                            "redis-py (default: hiredis packer) pipelined SET EX of pre-encoded "
+                            "bytes"))
+            rows.append(row("redis_put_vs_nocopy_raw", size, n, t_put, t["rawputnc"],
+                            "RedisTier.put_many (encode: header + xxh64; the header and the "
+                            "tensors' memory sent as they are)",
+                            "redis-py (pure-Python packer: no copy of the value) pipelined SET "
+                            "EX of pre-encoded bytes"))
             rows.append(row("redis_put_encoded", size, n, t["putenc"], t_rawput,
                             "RedisTier.put_encoded_many (the write-back path: the host tier "
                             "already holds the encoded block)",
@@ -289,7 +308,18 @@ def bench_tcp(sizes, total) -> list[dict]:
 
 
 def bench_ucx(sizes, total) -> list[dict]:
+    """UCXClient.fetch (verifying, as it always runs) and with verify=False, beside raw ucxx
+    moving the same bytes in one request and one reply message into a reused buffer, and beside
+    that raw path plus an xxh64 of every block (the same work as the channel's).
+
+    Each path is connected only while it is timed: ucxx (by default) waits for a request by
+    polling it on every turn of the event loop, so a server with a connection open sits on a
+    pending receive and spins a core even when idle. With both servers connected, the idle one
+    took a core from whichever path was being timed, on 2 cores, and the ratios swung from 0.5
+    to 1.2 between identical runs."""
     import asyncio
+
+    import xxhash
 
     from transport.channels.ucx import UCXClient, ucx_available
     if not ucx_available():
@@ -297,17 +327,21 @@ def bench_ucx(sizes, total) -> list[dict]:
         return []
     import ucxx
 
-    async def apaired(fns: dict, min_reps: int = 9, min_s: float = 1.5) -> dict:
-        for fn in fns.values():
-            for _ in range(2):
-                await fn()
-        times: dict = {name: [] for name in fns}
+    async def rounds(paths: dict, per_round: int = 3, min_reps: int = 30,
+                     min_s: float = 4.0) -> dict:
+        """As paired(), a round connecting each path in turn (``paths``: name -> async opener
+        returning (fetch, close)), then one untimed fetch and ``per_round`` timed ones."""
+        times: dict = {name: [] for name in paths}
         t_end = time.perf_counter() + min_s
         while len(times["ch"]) < min_reps or time.perf_counter() < t_end:
-            for name, fn in fns.items():
-                t = time.perf_counter()
-                await fn()
-                times[name].append(time.perf_counter() - t)
+            for name, opener in paths.items():
+                fetch, close = await opener()
+                await fetch()
+                for _ in range(per_round):
+                    t = time.perf_counter()
+                    await fetch()
+                    times[name].append(time.perf_counter() - t)
+                await close()
             if len(times["ch"]) >= 300:
                 break
         return {name: statistics.median(ts) for name, ts in times.items()}
@@ -318,22 +352,57 @@ def bench_ucx(sizes, total) -> list[dict]:
             n = max(1, total // size)
             enc = encoded_blocks(size, n)
             keys = list(enc)
+            sizes_b = [len(v) for v in enc.values()]
             ours, raw = ServerProcess("ucx_ours", size, n), ServerProcess("ucx_raw", size, n)
-            client = await UCXClient.connect("127.0.0.1", ours.port)
-            raw_ep = await ucxx.create_endpoint("127.0.0.1", raw.port)
-            rbuf = np.empty(sum(len(v) for v in enc.values()), dtype=np.uint8)
+            rbuf = np.empty(sum(sizes_b), dtype=np.uint8)
             one = np.ones(1, dtype=np.uint8)
+            corrupt = []
 
-            async def raw_fetch():
-                await raw_ep.send(one)
-                await raw_ep.recv(rbuf)
+            def channel(verify: bool):
+                async def opener():
+                    client = await UCXClient.connect("127.0.0.1", ours.port, verify=verify)
 
-            t = await apaired({"ch": lambda: client.fetch(keys), "raw": raw_fetch})
-            t_ch, t_raw = t["ch"], t["raw"]
-            rows.append(row("ucx_fetch", size, n, t_ch, t_raw, "UCXClient.fetch <- UCXServer",
-                            "raw ucxx ep.send -> ep.recv into a reused buffer, same bytes"))
-            await client.close()
-            await raw_ep.close()
+                    async def fetch():
+                        got = await client.fetch(keys)
+                        assert all(b is not None for b in got)
+
+                    async def close():
+                        corrupt.append(client.corrupt)
+                        await client.close()
+                    return fetch, close
+                return opener
+
+            def raw_path(hash_blocks: bool):
+                async def opener():
+                    ep = await ucxx.create_endpoint("127.0.0.1", raw.port)
+
+                    async def fetch():
+                        await ep.send(one)
+                        await ep.recv(rbuf)
+                        off = 0
+                        for sz in sizes_b if hash_blocks else ():
+                            # the whole block: a little more than its payload
+                            xxhash.xxh64(memoryview(rbuf)[off:off + sz]).intdigest()
+                            off += sz
+                    return fetch, ep.close
+                return opener
+
+            t = await rounds({"ch": channel(True), "raw": raw_path(False),
+                              "chnv": channel(False), "rawx": raw_path(True)})
+            assert not any(corrupt)
+            raw_desc = ("raw ucxx: 1-byte request, ep.send of the same bytes as one message -> "
+                        "ep.recv into a reused buffer; no verification")
+            rows.append(row("ucx_fetch", size, n, t["ch"], t["raw"],
+                            "UCXClient.fetch <- UCXServer: request, reply of one message per block "
+                            "(all posted at once) into a pooled body, every block verified "
+                            "(header checks + payload xxh64) as it lands", raw_desc))
+            rows.append(row("ucx_fetch_noverify", size, n, t["chnv"], t["raw"],
+                            "UCXClient(verify=False).fetch: the same without verification",
+                            raw_desc))
+            rows.append(row("ucx_fetch_vs_raw_xxh64", size, n, t["ch"], t["rawx"],
+                            "UCXClient.fetch (verifying)",
+                            "the raw ucxx path plus an xxh64 of every received block (the same "
+                            "work)"))
             ours.stop()
             raw.stop()
         return rows
@@ -551,8 +620,12 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     benches = list(dict.fromkeys(r["bench"] for r in rows))
-    fig, axes = plt.subplots(1, len(benches), figsize=(4 * len(benches), 3.6), squeeze=False)
-    for ax, b in zip(axes[0], benches):
+    cols = min(4, len(benches))
+    nrows = -(-len(benches) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(benches):]:
+        ax.set_visible(False)
+    for ax, b in zip(axes.flat, benches):
         rs = [r for r in rows if r["bench"] == b]
         x = [r["block_bytes"] / (1 << 20) for r in rs]
         ax.plot(x, [r["ours_GBps"] for r in rs], "o-", label="kvcluster")
@@ -595,6 +668,7 @@ def main() -> None:
 
     sizes = [int(x) << 10 for x in args.sizes_kib.split(",")] if args.sizes_kib else SIZES
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     if args.gpu:
         mode, total = "gpu", (args.total_mib or 256) << 20
         if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -621,6 +695,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = Path(args.out) if args.out else RESULTS / f"transport_{mode}.json"
     info = machine()
+    info["loadavg_at_start"] = load_start
     info["loadavg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     doc = {"date": started, "command": " ".join([Path(sys.executable).name] + sys.argv),
            "mode": mode, "bytes_per_iter": total, "machine": info,

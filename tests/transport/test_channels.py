@@ -143,7 +143,7 @@ def test_tcp_server_ignores_partial_push(tcp_server):
 
 
 def test_body_pool_reuses_a_buffer_only_when_no_view_is_alive():
-    from transport.channels.tcp import BodyPool
+    from transport.receive import BodyPool
     pool = BodyPool(max_buffers=2)
     a = pool.take(1 << 20)
     a[:4] = [1, 2, 3, 4]

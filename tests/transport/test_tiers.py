@@ -174,3 +174,44 @@ def test_host_tier_device_verify_path():
     bad[-1] ^= 1
     tier.put_encoded_many([("bad", bad)])  # refused at put: checksums are taken from good data only
     assert not tier.contains("bad") and tier.stats.corrupt == 2
+
+
+def test_redis_put_stores_the_same_bytes_without_joining(redis_tier):
+    """put_many sends the header and the tensors' own memory (no joined copy); Redis must hold
+    exactly the encoded block, for contiguous blocks, segment views and blocks of any size."""
+    seg = make_block(torch.bfloat16, tokens=128, head_dim=128, seed=3)
+    view = type(seg)(seg.fingerprint, seg.layers, 7, seg.keys[:, :, 64:], seg.values[:, :, 64:])
+    items = [("big", make_block(torch.float16, tokens=64, head_dim=256, seed=1)),  # 128 KiB parts
+             ("small", make_block(tokens=1, head_dim=8, seed=2)),  # every part below SMALL_PART
+             ("view", view)]  # not contiguous: _byte_view copies it
+    redis_tier.put_many(items)
+    raw = redis_tier.get_encoded_many([k for k, _ in items])
+    assert raw == [encode_block_bytes(b) for _, b in items]
+    assert redis_tier.stats.bytes_in == sum(len(r) for r in raw)
+    for (_, want), have in zip(items, redis_tier.get_many([k for k, _ in items])):
+        assert same_block(have, want)
+
+
+def test_redis_put_encoded_takes_any_buffer(redis_tier):
+    import numpy as np
+    enc = encode_block_bytes(make_block(tokens=64, head_dim=128))
+    bufs = {"bytes": enc, "bytearray": bytearray(enc), "memoryview": memoryview(enc),
+            "numpy": np.frombuffer(enc, dtype=np.uint8)}
+    redis_tier.put_encoded_many(list(bufs.items()))
+    assert redis_tier.get_encoded_many(list(bufs)) == [enc] * len(bufs)
+
+
+def test_gather_packer_matches_redis_py_packing():
+    """A Gather argument goes out as the same RESP bytes as the joined value would."""
+    from redis.connection import HiredisRespSerializer
+
+    from transport.tiers.redis_tier import SMALL_PART, Gather, GatherPacker
+
+    inner = HiredisRespSerializer()
+    packer = GatherPacker(inner)
+    parts = [b"head", bytes(range(256)) * (SMALL_PART // 128), b"", b"tail" * 3]
+    joined = b"".join(parts)
+    out = packer.pack("SET", "k\u00e9y", Gather(parts), "EX", 60)
+    assert b"".join(bytes(c) for c in out) == b"".join(inner.pack("SET", "k\u00e9y", joined, "EX", 60))
+    assert any(isinstance(c, memoryview) for c in out)  # the big part is not copied
+    assert packer.pack("GET", "k") == inner.pack("GET", "k")  # other commands: redis-py's packer

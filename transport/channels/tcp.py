@@ -25,16 +25,14 @@ import asyncio
 import logging
 import select
 import socket
-import sys
 import threading
 from typing import Callable, Sequence
 
-import numpy as np
-
 from transport.errors import ChannelClosed, ChannelError, ChannelTimeout, ProtocolError
 from transport.message import (DEFAULT_MAX_BODY_BYTES, PREFIX, pack_message, parse_header,
-                               parse_prefix, split_body)
-from transport.verify import BodyVerifier, VerifiedBody, channel_verified
+                               parse_prefix)
+from transport.receive import blocks_of, new_body
+from transport.verify import BodyVerifier, channel_verified
 
 log = logging.getLogger(__name__)
 
@@ -52,59 +50,6 @@ def _tune(sock: socket.socket) -> None:
 
 
 # -- asyncio side -----------------------------------------------------------------------------
-class BodyPool:
-    """Receive buffers reused once nothing refers to them. A fresh multi-MiB buffer per message
-    costs a page fault per 4 KiB on first write (~15% of a loopback transfer here); the raw socket
-    it is compared with reuses one buffer. A buffer is free again when no block view of it is
-    alive: every view holds a reference to it, so its reference count says."""
-
-    def __init__(self, max_buffers: int = 8, max_bytes: int = 512 << 20) -> None:
-        self.max_buffers, self.max_bytes = max_buffers, max_bytes
-        self._bufs: list[np.ndarray] = []
-        self._lock = threading.Lock()
-
-    def take(self, nbytes: int, align: int = 64) -> np.ndarray:
-        want = nbytes + align
-        with self._lock:
-            for i in range(len(self._bufs)):
-                # 2 = the list's reference + getrefcount's argument: no view of it is alive
-                if want <= self._bufs[i].nbytes <= 2 * want and sys.getrefcount(self._bufs[i]) <= 2:
-                    return self._aligned(self._bufs[i], nbytes, align)
-            raw = np.empty(want, dtype=np.uint8)  # not bytearray: that zero-fills first
-            if len(self._bufs) < self.max_buffers and sum(b.nbytes for b in self._bufs) + want <= self.max_bytes:
-                self._bufs.append(raw)
-            return self._aligned(raw, nbytes, align)
-
-    @staticmethod
-    def _aligned(raw: np.ndarray, nbytes: int, align: int) -> np.ndarray:
-        off = (-raw.ctypes.data) % align
-        return raw[off:off + nbytes]
-
-
-_POOL = BodyPool()
-
-
-def _new_body(body_len: int, verify: bool) -> np.ndarray:
-    body = _POOL.take(body_len)
-    return body.view(VerifiedBody) if verify else body
-
-
-def _blocks_of(header: dict, body, verifier: BodyVerifier | None) -> tuple[list, int]:
-    """The body's blocks as views (None where the sender had none); a block that failed as a
-    plain unmarked copy (decoding it fails); and how many failed."""
-    blocks = split_body(header, body)
-    if verifier is None:
-        return blocks, 0
-    bad = verifier.finish()
-    if not verifier.done:  # cannot happen with a well-formed header: be safe anyway
-        raise ProtocolError("message body ended in the middle of a block")
-    for i in bad:
-        blocks[i] = bytes(blocks[i])
-    if bad:
-        log.warning("discarded %d corrupt block(s) of a message", len(bad))
-    return blocks, len(bad)
-
-
 def _advance(parts: list[memoryview], sent: int) -> list[memoryview]:
     """Drop ``sent`` bytes from the front of a gather list."""
     i = 0
@@ -163,11 +108,11 @@ async def arecv_message(loop, sock, max_body_bytes: int, first_byte_timeout: flo
         raw = bytearray(hlen)
         await _arecv_into(loop, sock, memoryview(raw))
         header = parse_header(raw, hhash, body_len)
-        body = _new_body(body_len, verify)
+        body = new_body(body_len, verify)
         verifier = BodyVerifier(body, header["sizes"]) if verify else None
         await _arecv_into(loop, sock, memoryview(body),
                           None if verifier is None else verifier.feed)
-        return (header, *_blocks_of(header, body, verifier))
+        return (header, *blocks_of(header, body, verifier))
 
     try:
         return await _with_timeout(rest(), timeout)
@@ -259,7 +204,7 @@ class TCPServer:
         if op == "get" and self.source is not None:
             return pack_message("blocks", keys, list(self.source(keys)))
         if op == "put" and self.sink is not None:
-            # failed blocks come as unmarked copies (see _blocks_of): not for the sink
+            # failed blocks come as unmarked copies (see receive.blocks_of): not for the sink
             self.sink([(k, b) for k, b in zip(keys, blocks)
                        if b is not None and (not self.verify or channel_verified(b))])
             return pack_message("ok")
@@ -445,10 +390,10 @@ class TCPClient:
         raw = bytearray(hlen)
         _recv_into(sock, memoryview(raw))
         header = parse_header(raw, hhash, body_len)
-        body = _new_body(body_len, self.verify)
+        body = new_body(body_len, self.verify)
         verifier = BodyVerifier(body, header["sizes"]) if self.verify else None
         _recv_into(sock, memoryview(body), None if verifier is None else verifier.feed)
-        blocks, bad = _blocks_of(header, body, verifier)
+        blocks, bad = blocks_of(header, body, verifier)
         self.corrupt += bad
         return header, blocks
 
