@@ -71,11 +71,16 @@ def _serve_and_run(source, client_fn, sink=None, **client_kw):
     return asyncio.run(go())
 
 
-def test_ucx_reused_body_does_not_touch_blocks_still_held():
+def test_ucx_reused_body_does_not_touch_blocks_still_held(monkeypatch):
     """Bodies come from a pool and are reused once no block view of them is alive: a block the
     caller still holds must keep its bytes through later fetches of the same size."""
-    from transport.receive import POOL
+    from transport import receive
+    from transport.channels import ucx
     from transport.verify import channel_verified
+    # a pool of its own: earlier tests may have filled the shared one to its buffer limit
+    POOL = receive.BodyPool()
+    monkeypatch.setattr(receive, "POOL", POOL)
+    monkeypatch.setattr(ucx, "POOL", POOL)
 
     a = {f"a{i}": bytes(encode_block_bytes(make_block(tokens=64, head_dim=512, seed=i)))
          for i in range(4)}
