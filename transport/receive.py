@@ -15,8 +15,8 @@ import threading
 import numpy as np
 
 from transport.errors import ProtocolError
-from transport.message import split_body
-from transport.verify import BodyVerifier, VerifiedBody
+from transport.message import pack_message, split_body
+from transport.verify import BodyVerifier, VerifiedBody, channel_verified
 
 log = logging.getLogger(__name__)
 
@@ -87,3 +87,19 @@ def blocks_of(header: dict, body, verifier: BodyVerifier | None) -> tuple[list, 
     if bad:
         log.warning("discarded %d corrupt block(s) of a message", len(bad))
     return blocks, len(bad)
+
+
+def answer(header: dict, blocks: list, source, sink, verify: bool) -> list[memoryview] | None:
+    """A server's reply to one request, on every channel: ``get`` -> the source's blocks, ``put``
+    -> the verified blocks into the sink, ``bye`` -> None (the client is leaving)."""
+    op, keys = header["op"], header["keys"]
+    if op == "get" and source is not None:
+        return pack_message("blocks", keys, list(source(keys)))
+    if op == "put" and sink is not None:
+        # failed blocks come as unmarked copies (see blocks_of): not for the sink
+        sink([(k, b) for k, b in zip(keys, blocks)
+              if b is not None and (not verify or channel_verified(b))])
+        return pack_message("ok")
+    if op == "bye":
+        return None
+    return pack_message("error", error=f"unsupported op {op!r}")

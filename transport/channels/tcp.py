@@ -31,8 +31,8 @@ from typing import Callable, Sequence
 from transport.errors import ChannelClosed, ChannelError, ChannelTimeout, ProtocolError
 from transport.message import (DEFAULT_MAX_BODY_BYTES, PREFIX, pack_message, parse_header,
                                parse_prefix)
-from transport.receive import blocks_of, new_body
-from transport.verify import BodyVerifier, channel_verified
+from transport.receive import answer, blocks_of, new_body
+from transport.verify import BodyVerifier
 
 log = logging.getLogger(__name__)
 
@@ -200,15 +200,9 @@ class TCPServer:
             conn.close()
 
     def _handle(self, header: dict, blocks: list) -> list[memoryview]:
-        op, keys = header["op"], header["keys"]
-        if op == "get" and self.source is not None:
-            return pack_message("blocks", keys, list(self.source(keys)))
-        if op == "put" and self.sink is not None:
-            # failed blocks come as unmarked copies (see receive.blocks_of): not for the sink
-            self.sink([(k, b) for k, b in zip(keys, blocks)
-                       if b is not None and (not self.verify or channel_verified(b))])
-            return pack_message("ok")
-        return pack_message("error", error=f"unsupported op {op!r}")
+        # TCP clients just close the connection; a "bye" gets an error reply like any unknown op
+        return answer(header, blocks, self.source, self.sink, self.verify) \
+            or pack_message("error", error="unsupported op 'bye'")
 
     def _reply(self, conn: socket.socket, header: dict, blocks: list) -> None:
         """In an executor thread: answer one request on ``conn`` (non-blocking; the event loop

@@ -33,8 +33,8 @@ import numpy as np
 from transport.errors import ChannelClosed, ChannelError, ChannelTimeout, ProtocolError
 from transport.message import (DEFAULT_MAX_BODY_BYTES, PREFIX, pack_message, parse_header,
                                parse_prefix)
-from transport.receive import POOL, blocks_of, new_body
-from transport.verify import BodyVerifier, channel_verified
+from transport.receive import POOL, answer, blocks_of, new_body
+from transport.verify import BodyVerifier
 
 log = logging.getLogger(__name__)
 HEAD_BYTES = 64 << 10  # first message of each message: the prefix and (most) headers
@@ -178,17 +178,7 @@ class UCXServer:
         return self.port
 
     def _handle(self, header: dict, blocks: list) -> list[memoryview] | None:
-        op, keys = header["op"], header["keys"]
-        if op == "get" and self.source is not None:
-            return pack_message("blocks", keys, list(self.source(keys)))
-        if op == "put" and self.sink is not None:
-            # failed blocks come as unmarked copies (see receive.blocks_of): not for the sink
-            self.sink([(k, b) for k, b in zip(keys, blocks)
-                       if b is not None and (not self.verify or channel_verified(b))])
-            return pack_message("ok")
-        if op == "bye":
-            return None
-        return pack_message("error", error=f"unsupported op {op!r}")
+        return answer(header, blocks, self.source, self.sink, self.verify)
 
     async def _serve(self, ep) -> None:
         ucxx = _ucxx()
