@@ -292,7 +292,7 @@ def bench_tcp(sizes, total) -> list[dict]:
                     "reused buffer; no verification")
         rows.append(row("tcp_fetch", size, n, t["ch"], t["raw"],
                         "TCPClient.fetch <- TCPServer (asyncio): request, reply of all blocks into "
-                        "one new buffer per message, every block verified (header checks + "
+                        "a pooled body buffer, every block verified (header checks + "
                         "payload xxh64) while it arrives", raw_desc))
         rows.append(row("tcp_fetch_noverify", size, n, t["chnv"], t["raw"],
                         "TCPClient(verify=False).fetch: the same without verification", raw_desc))
