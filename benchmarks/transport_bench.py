@@ -78,6 +78,8 @@ def machine() -> dict:
     info = {"platform": platform.platform(), "processor": platform.processor(),
             "machine": platform.machine(), "python": platform.python_version(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__}
+    from transport import verify
+    info["verify_hash_threads"] = 0 if verify.HASH_THREADS is None else verify.HASH_THREADS.n
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info
@@ -253,6 +255,7 @@ def bench_tcp(sizes, total) -> list[dict]:
 
     import xxhash
 
+    from transport import verify
     from transport.channels.tcp import TCPClient, _recv_into, _tune
 
     rows = []
@@ -281,21 +284,39 @@ def bench_tcp(sizes, total) -> list[dict]:
                 h.intdigest()
                 off += sz
 
-        def fetch():
-            got = client.fetch(keys)
-            assert all(b is not None for b in got)
+        default_threads = verify.HASH_THREADS
+        threads = verify.HashThreads(4)
 
-        t = paired({"ch": fetch, "raw": raw_fetch, "chnv": lambda: client_nv.fetch(keys),
-                    "rawx": raw_fetch_xxh64}, min_reps=25, min_s=4.0)
+        def fetch_with(lanes):
+            def fetch():
+                verify.HASH_THREADS = lanes
+                try:
+                    got = client.fetch(keys)
+                finally:
+                    verify.HASH_THREADS = default_threads
+                assert all(b is not None for b in got)
+            return fetch
+
+        t = paired({"ch": fetch_with(default_threads), "raw": raw_fetch,
+                    "chnv": lambda: client_nv.fetch(keys), "rawx": raw_fetch_xxh64,
+                    "inline": fetch_with(None), "threads": fetch_with(threads)},
+                   min_reps=25, min_s=4.0)
         assert client.corrupt == 0
         raw_desc = ("blocking socket: 1-byte request, sendall of the same bytes -> recv_into a "
                     "reused buffer; no verification")
+        lanes = 0 if default_threads is None else default_threads.n
         rows.append(row("tcp_fetch", size, n, t["ch"], t["raw"],
                         "TCPClient.fetch <- TCPServer (asyncio): request, reply of all blocks into "
                         "a pooled body buffer, every block verified (header checks + "
-                        "payload xxh64) while it arrives", raw_desc))
+                        f"payload xxh64) while it arrives ({lanes} hash threads: this "
+                        "machine's default)", raw_desc))
         rows.append(row("tcp_fetch_noverify", size, n, t["chnv"], t["raw"],
                         "TCPClient(verify=False).fetch: the same without verification", raw_desc))
+        rows.append(row("tcp_fetch_inline", size, n, t["inline"], t["raw"],
+                        "TCPClient.fetch, verifying on the receiving thread", raw_desc))
+        rows.append(row("tcp_fetch_4_hash_threads", size, n, t["threads"], t["raw"],
+                        "TCPClient.fetch, verifying on 4 hash threads (xxhash releases the GIL)",
+                        raw_desc))
         rows.append(row("tcp_fetch_vs_raw_xxh64", size, n, t["ch"], t["rawx"],
                         "TCPClient.fetch (verifying)",
                         "the raw socket path plus an xxh64 of every received block (the same work)"))
@@ -692,6 +713,7 @@ def main() -> None:
             rows += bench_tcp(sizes, total)
         if "ucx" in only:
             rows += bench_ucx(sizes, total)
+
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = Path(args.out) if args.out else RESULTS / f"transport_{mode}.json"
     info = machine()

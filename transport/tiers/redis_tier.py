@@ -10,6 +10,10 @@ memory), which ``GatherPacker`` hands to the socket as they are. redis-py with h
 every command into one new bytes object, i.e. copy each value once more into a fresh multi-MiB
 allocation, whose page faults cost about as much as sending it; so a put costs one pass of xxh64
 over the payload (the block's checksum) plus the send, and no copy.
+
+Reads go the other way round (transport/tiers/redis_read.py): the GET replies are parsed by
+hand, each value received straight into its own aligned buffer and verified while it arrives,
+instead of through hiredis's three copies and a hash afterwards.
 """
 from __future__ import annotations
 
@@ -18,8 +22,10 @@ import time
 from typing import Sequence
 
 from transport.block import DEFAULT_MAX_BLOCK_BYTES, KVBlock, decode_block, encode_block
-from transport.errors import BlockError
+from transport.errors import BlockError, ProtocolError
 from transport.tiers.base import TierStats
+from transport.tiers.redis_read import TOO_LARGE, ReplyError, pipelined_get
+from transport.verify import channel_verified
 
 
 SMALL_PART = 16 << 10  # parts below this are copied into the command's framing (fewer sends)
@@ -108,8 +114,9 @@ class RedisTier:
         self.backoff_initial_s, self.backoff_max_s = backoff_initial_s, backoff_max_s
         self.stats = TierStats()
         no_retry = Retry(NoBackoff(), 0)
+        # RESP2: the hand-written GET reader expects no RESP3 types or push messages
         self._pool = redis.ConnectionPool.from_url(
-            url, max_connections=max_connections, socket_timeout=socket_timeout_s,
+            url, protocol=2, max_connections=max_connections, socket_timeout=socket_timeout_s,
             command_packer=GatherPacker(_default_packer()),
             socket_connect_timeout=connect_timeout_s,
             health_check_interval=health_check_interval_s, retry=no_retry)
@@ -117,6 +124,7 @@ class RedisTier:
         self._lock = threading.Lock()
         self._down_until: float | None = None
         self._backoff = backoff_initial_s
+        self._value_bytes = 0  # size of the values read last (sizes one receive buffer)
 
     # -- health ------------------------------------------------------------------------------
     @property
@@ -162,15 +170,48 @@ class RedisTier:
         return None
 
     # -- raw buffers ---------------------------------------------------------------------------
-    def get_encoded_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        res = self._run(lambda p: [p.get(self.prefix + k) for k in keys])
-        out = res if res is not None else [None] * len(keys)
+    def get_encoded_many(self, keys: Sequence[str], verify: bool = True) -> list[object | None]:
+        """Encoded blocks (buffers) or None. With ``verify``, blocks were checked on receipt:
+        those that passed are ``VerifiedBody`` views, those that failed plain copies (their
+        decode fails); values that are not blocks pass through unchecked."""
+        out = self._read([self.prefix + k for k in keys], verify)
         for b in out:
             if b is None:
                 self.stats.misses += 1
             else:
                 self.stats.hits += 1
                 self.stats.bytes_out += len(b)
+        return out
+
+    def _read(self, keys: list[str], verify: bool) -> list[object | None]:
+        if not keys or not self._available():
+            return [None] * len(keys)
+        conn = None
+        try:
+            conn = self._pool.get_connection()
+            # blocks of one model have one size: the last value's predicts this call's
+            got = pipelined_get(conn, keys, self.max_block_bytes, verify,
+                                expect_bytes=len(keys) * (self._value_bytes + 64))
+        except (self._redis.RedisError, OSError, ProtocolError):
+            if conn is not None:
+                conn.disconnect()  # a reply may be half read: never reuse this socket
+            self._mark_down()
+            return [None] * len(keys)
+        finally:
+            if conn is not None:
+                self._pool.release(conn)
+        out: list[object | None] = []
+        sizes = [len(v) for v in got if isinstance(v, (bytes, memoryview))]
+        if sizes:
+            self._value_bytes = min(max(sizes), self.max_block_bytes)
+        for v in got:
+            if v is TOO_LARGE:
+                self.stats.corrupt += 1
+                v = None
+            elif isinstance(v, ReplyError):  # e.g. WRONGTYPE: the server is up, this key failed
+                self.stats.errors += 1
+                v = None
+            out.append(v)
         return out
 
     def put_encoded_many(self, items: Sequence[tuple[str, object]]) -> None:
@@ -192,7 +233,7 @@ class RedisTier:
     def get_many(self, keys: Sequence[str]) -> list[KVBlock | None]:
         return self.get_verified(keys)[0]
 
-    def get_verified(self, keys: Sequence[str]) -> tuple[list[KVBlock | None], list[bytes | None]]:
+    def get_verified(self, keys: Sequence[str]) -> tuple[list[KVBlock | None], list[object | None]]:
         """Decoded blocks and their raw bytes; bad blocks are deleted, counted, and read as misses."""
         raws = self.get_encoded_many(keys)
         blocks: list[KVBlock | None] = []
@@ -200,7 +241,8 @@ class RedisTier:
             blk = None
             if raw is not None:
                 try:
-                    blk = decode_block(raw, self.expected_fingerprint, self.max_block_bytes)
+                    blk = decode_block(raw, self.expected_fingerprint, self.max_block_bytes,
+                                       verify_payload=not channel_verified(raw))
                 except BlockError:
                     self.stats.corrupt += 1
                     self.stats.hits -= 1
