@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -30,6 +31,7 @@ def test_values_arrive_verified_and_equal(redis_tier):
     for (_, blk), raw in zip(items, raws):
         assert bytes(raw) == bytes(encode_block_bytes(blk))
         assert memoryview(raw).nbytes < VERIFY_FROM or channel_verified(raw)
+        assert np.frombuffer(raw, dtype=np.uint8).ctypes.data % 64 == 0  # tensors decode aligned
     for (_, blk), got in zip(items, redis_tier.get_many([k for k, _ in items])):
         assert same_block(blk, got)
     assert redis_tier.stats.corrupt == 0

@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from transport.errors import ProtocolError
-from transport.receive import POOL
+from transport.receive import POOL, BodyPool
 from transport.verify import BodyVerifier, VerifiedBody
 
 SCRATCH = 64 << 10  # reply lines and small values are read through this buffer
@@ -40,13 +40,6 @@ class ReplyError:
         self.message = message
 
 
-def aligned_empty(nbytes: int, align: int = 64) -> np.ndarray:
-    """Uninitialized bytes whose start is ``align``-aligned (block tensors decode aligned)."""
-    raw = np.empty(nbytes + align, dtype=np.uint8)
-    off = (-raw.ctypes.data) % align
-    return raw[off:off + nbytes]
-
-
 class Arena:
     """Values of one pipeline carved back to back (64-aligned) out of one pooled receive buffer:
     fresh multi-MiB allocations per call would page-fault on every 4 KiB as they are written.
@@ -62,7 +55,7 @@ class Arena:
             out = self.buf[self.off:self.off + n]
             self.off += -(-n // 64) * 64
             return out
-        return aligned_empty(n)
+        return BodyPool._aligned(np.empty(n + 64, dtype=np.uint8), n, 64)
 
 
 class RespReader:
