@@ -18,7 +18,6 @@ import heapq
 from collections.abc import Sequence
 
 import numpy as np
-from rapidfuzz.distance import Indel
 
 from index_service.plan import ReusePlan, ReuseSpan
 
@@ -211,6 +210,9 @@ def _true_runs(mask: np.ndarray, min_len: int) -> list[tuple[int, int]]:
 
 
 def _take_gap_diffs(new, donor_id, don, min_run, covered, spans) -> None:
+    # imported here: the plan types and this module must import where rapidfuzz is absent (the
+    # GPU machines, which run benchmarks/reuse_gpu_bench.py with torch, numpy and xxhash only)
+    from rapidfuzz.distance import Indel
     if not len(don):
         return
     by_end = {s.new_end: s for s in spans}
