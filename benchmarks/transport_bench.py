@@ -713,7 +713,6 @@ def main() -> None:
             rows += bench_tcp(sizes, total)
         if "ucx" in only:
             rows += bench_ucx(sizes, total)
-
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = Path(args.out) if args.out else RESULTS / f"transport_{mode}.json"
     info = machine()

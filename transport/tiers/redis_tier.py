@@ -170,11 +170,11 @@ class RedisTier:
         return None
 
     # -- raw buffers ---------------------------------------------------------------------------
-    def get_encoded_many(self, keys: Sequence[str], verify: bool = True) -> list[object | None]:
-        """Encoded blocks (buffers) or None. With ``verify``, blocks were checked on receipt:
-        those that passed are ``VerifiedBody`` views, those that failed plain copies (their
-        decode fails); values that are not blocks pass through unchecked."""
-        out = self._read([self.prefix + k for k in keys], verify)
+    def get_encoded_many(self, keys: Sequence[str]) -> list[object | None]:
+        """Encoded blocks (buffers) or None, checked on receipt: those that passed are
+        ``VerifiedBody`` views, those that failed plain copies (their decode fails); values that
+        are not blocks pass through unchecked."""
+        out = self._read([self.prefix + k for k in keys])
         for b in out:
             if b is None:
                 self.stats.misses += 1
@@ -183,14 +183,14 @@ class RedisTier:
                 self.stats.bytes_out += len(b)
         return out
 
-    def _read(self, keys: list[str], verify: bool) -> list[object | None]:
+    def _read(self, keys: list[str]) -> list[object | None]:
         if not keys or not self._available():
             return [None] * len(keys)
         conn = None
         try:
             conn = self._pool.get_connection()
             # blocks of one model have one size: the last value's predicts this call's
-            got = pipelined_get(conn, keys, self.max_block_bytes, verify,
+            got = pipelined_get(conn, keys, self.max_block_bytes,
                                 expect_bytes=len(keys) * (self._value_bytes + 64))
         except (self._redis.RedisError, OSError, ProtocolError):
             if conn is not None:
@@ -203,7 +203,7 @@ class RedisTier:
         out: list[object | None] = []
         sizes = [len(v) for v in got if isinstance(v, (bytes, memoryview))]
         if sizes:
-            self._value_bytes = min(max(sizes), self.max_block_bytes)
+            self._value_bytes = max(sizes)  # values over max_block_bytes came back TOO_LARGE
         for v in got:
             if v is TOO_LARGE:
                 self.stats.corrupt += 1
