@@ -3,10 +3,15 @@
 
     python benchmarks/diag_reuse_profile.py --mode dhd --tokens 8192      # dhd r=.05, 98% reused
     python benchmarks/diag_reuse_profile.py --mode prefix --tokens 8192   # pooled prefix hit
+    python benchmarks/diag_reuse_profile.py --mode cacheblend --tokens 1024 --reuse 0.9 --phases
 
 Llama-3-8B shape, random bf16 weights, one GPU. Prints the median wall time of the prefill, the
 host time before the one-token graph's launch (prefix mode), and the CUDA kernels sorted by time
-(torch.profiler) over three prefills. The README's kernel breakdowns come from this script.
+(torch.profiler) over three prefills, with their summed GPU time per prefill (wall minus that is
+time the GPU waited for the host). ``--phases`` adds the wall time of each phase of a prefill
+(placement, check layer, scoring, selection, upper layers, logits), measured with a device sync
+around each, so their sum exceeds the plain prefill a little. The README's kernel breakdowns come
+from this script.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from workers.model_spec import ModelSpec  # noqa: E402
 from workers.segments import InMemorySegmentStore  # noqa: E402
 
 
-def setup(n: int, mode: str):
+def setup(n: int, mode: str, reuse: float = 0.98, ratio: float = 0.05):
     spec = ModelSpec(**LLAMA3_8B)
     store = InMemorySegmentStore(max_bytes=64 << 30)
     eng = ReuseEngine(random_runner(spec, "cuda", torch.bfloat16), store, static_tokens=n + 64)
@@ -40,20 +45,89 @@ def setup(n: int, mode: str):
         eng.pool_reuse = True
         return eng, ids, ReusePlan(n, [ReuseSpan(0, "d", 0, n)], prefix_len=n), ReuseSettings(mode="prefix")
     eng.pool_reuse = False
-    plan, changed = changed_plan(n, 0.98, "d")
+    plan, changed = changed_plan(n, reuse, "d")
     new = list(ids)
     for p in np.nonzero(changed)[0]:
         new[p] = (ids[p] + 1) % spec.vocab_size
-    return eng, new, plan, ReuseSettings(mode="dhd", recompute_ratio=0.05, decode_recompute=0)
+    return eng, new, plan, ReuseSettings(mode=mode, recompute_ratio=ratio, decode_recompute=0)
+
+
+class PhaseTimer:
+    """Wraps engine/runner methods: exclusive wall time of each (device synced at both ends)."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+        self._stack: list[list] = []
+
+    def wrap(self, obj, name: str, label: str) -> None:
+        real = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            torch.cuda.synchronize()
+            frame = [label, time.perf_counter(), 0.0]  # label, start, time of nested phases
+            self._stack.append(frame)
+            try:
+                return real(*args, **kwargs)
+            finally:
+                torch.cuda.synchronize()
+                self._stack.pop()
+                took = time.perf_counter() - frame[1]
+                self.totals[label] = self.totals.get(label, 0.0) + took - frame[2]
+                if self._stack:
+                    self._stack[-1][2] += took
+        setattr(obj, name, timed)
+
+
+def phases(eng, run, reps: int = 10) -> None:
+    import workers.engine as engine_mod
+    t = PhaseTimer()
+    r = eng.runner
+    t.wrap(eng, "_place", "place donor KV")
+    t.wrap(r, "layer", "layers, eager")
+    t.wrap(r, "write_kv", "check layer q/k/v")
+    t.wrap(r, "attention_received", "attention received")
+    for fn in ("select_dhd_tokens", "select_cacheblend_tokens", "v_deviation"):
+        t.wrap(engine_mod, fn, fn)
+    t.wrap(eng, "_layers", "upper layers (graph or eager)")
+    t.wrap(r, "logits", "logits")
+    t.wrap(eng, "_checked", "rest of _checked")
+    t.wrap(eng, "prefill", "rest of prefill")
+    for _ in range(2):
+        run()
+    t.totals.clear()
+    for _ in range(reps):
+        run()
+    print(f"phases (ms per prefill, synced, exclusive):")
+    for label, s in sorted(t.totals.items(), key=lambda kv: -kv[1]):
+        print(f"  {label:34s} {s / reps * 1e3:8.3f}")
+    print(f"  {'sum':34s} {sum(t.totals.values()) / reps * 1e3:8.3f}")
+
+
+def wall_ms(run, reps: int = 10) -> float:
+    walls = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        walls.append(time.perf_counter() - t)
+    return statistics.median(walls) * 1e3
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--mode", choices=("dhd", "prefix"), default="dhd")
+    ap.add_argument("--mode", choices=("dhd", "cacheblend", "prefix"), default="dhd")
+    ap.add_argument("--reuse", type=float, default=0.98, help="fraction of the prompt reused")
+    ap.add_argument("--ratio", type=float, default=0.05, help="recompute ratio r")
+    ap.add_argument("--phases", action="store_true", help="also time each phase (synced)")
+    ap.add_argument("--cprofile", type=int, default=0, help="also print this many rows of a "
+                    "Python profile (cProfile, by own time) over 10 prefills")
+    ap.add_argument("--ab", action="store_true", help="also time the prefill with each attention "
+                    "path of masked passes (split-key kernel, FlexAttention, dense mask)")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--rows", type=int, default=20, help="kernel table rows")
     a = ap.parse_args()
-    eng, ids, plan, st = setup(a.tokens, a.mode)
+    eng, ids, plan, st = setup(a.tokens, a.mode, a.reuse, a.ratio)
     run = lambda: eng.prefill(ids, plan, st, keep_segment=False)  # noqa: E731
     for _ in range(3):
         run()
@@ -77,13 +151,47 @@ def main() -> None:
         eng._graph = graph
         line += f", host work before the graph launch {statistics.median(l - s for l, s in zip(launch, starts)) * 1e3:.2f} ms"
     print(line)
+    if a.ab:
+        r = eng.runner
+        saved = (r.subset_kernel, r.graph_flex, r.use_flex)
+        variants = {"split-key kernel (default)": saved,
+                    "split-key kernel, no FlexAttention": (True, False, False),
+                    "graphs: FlexAttention from 512 tokens": (False, True, saved[2]),
+                    "dense mask (SDPA)": (False, False, saved[2])}
+        for label, (sk, gf, fl) in variants.items():
+            r.subset_kernel, r.graph_flex, r.use_flex = sk, gf, fl
+            # fresh graphs in a fresh memory pool (re-capturing into a pool whose graphs were
+            # dropped trips an allocator assert)
+            if eng._layer_graphs is not None:
+                eng._layer_graphs = type(eng._layer_graphs)(r, eng._pool)
+            for _ in range(3):
+                run()
+            print(f"  {label:40s} prefill {wall_ms(run):.2f} ms")
+        r.subset_kernel, r.graph_flex, r.use_flex = saved
+        if eng._layer_graphs is not None:
+            eng._layer_graphs = type(eng._layer_graphs)(r, eng._pool)
+        for _ in range(3):
+            run()
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
             run()
         torch.cuda.synchronize()
+    gpu = sum(e.self_device_time_total for e in prof.key_averages()) / 3 / 1e3
+    print(f"GPU kernel time per prefill {gpu:.2f} ms (the rest of the wall time the GPU waited)")
     print("kernels over 3 prefills:")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.rows, max_name_column_width=60))
+    if a.cprofile:
+        import cProfile
+        import pstats
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(10):
+            run()
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(a.cprofile)
+    if a.phases:
+        phases(eng, run)
 
 
 if __name__ == "__main__":

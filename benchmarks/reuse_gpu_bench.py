@@ -150,6 +150,21 @@ def decode_ms(engine: ReuseEngine, ids: list[int], plan: ReusePlan, steps: int =
     return (time.perf_counter() - t) / steps * 1e3
 
 
+def write_result(path: str, cfg: dict, peak: float, bw: float, rows: list) -> dict:
+    result = {
+        "benchmark": "reuse_gpu", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "device": torch.cuda.get_device_name(), "host": platform.node(), "torch": torch.__version__,
+        "model": {**cfg, "dtype": "bfloat16", "weights": "random"}, "bf16_matmul_peak_tflops": peak / 1e12,
+        "hbm_copy_bandwidth_tbps": bw / 1e12,
+        "rows": rows,
+    }
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", default="1024,4096,8192,16384")
@@ -221,19 +236,10 @@ def main() -> None:
             engine.pool_reuse = False
             del holder
         rows.append(row)
+        write_result(args.out, cfg, peak, bw, rows)  # after each length: a cut-off run keeps its rows
         store.evict(f"donor{n}")
         torch.cuda.empty_cache()
-    result = {
-        "benchmark": "reuse_gpu", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "device": torch.cuda.get_device_name(), "host": platform.node(), "torch": torch.__version__,
-        "model": {**cfg, "dtype": "bfloat16", "weights": "random"}, "bf16_matmul_peak_tflops": peak / 1e12,
-        "hbm_copy_bandwidth_tbps": bw / 1e12,
-        "rows": rows,
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    result = write_result(args.out, cfg, peak, bw, rows)
     print(f"\n{result['device']}  bf16 peak {peak / 1e12:.0f} TFLOP/s (measured)")
     print(f"HBM copy bandwidth {bw / 1e12:.2f} TB/s (measured)")
     print(f"{'tokens':>6} {'mode':<18} {'ms':>8} {'speedup':>8} {'limit':>7} {'of_lim':>7} {'roof_ms':>8} {'of_roof':>7}")

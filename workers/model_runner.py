@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 import xxhash
 
-from workers import decode_attention, fused
+from workers import decode_attention, fused, subset_attention
 from workers.kv_cache import KVCache
 from workers.model_spec import ModelSpec
 from workers.rope import Rope, apply_rope
@@ -88,6 +88,13 @@ class LlamaRunner:
         # one-token graph steps through FlexAttention's decoder: measured equal to batched matmuls
         # (0.85 vs 0.88 ms of attention per 8k-token step), so off; kept, tested, for longer contexts
         self.flex_decode = False
+        # graphed layer passes (workers/cuda_graph.py) attend through FlexAttention with an
+        # in-graph block mask; off: a dense mask (KVCLUSTER_GRAPH_FLEX=0, for comparison)
+        self.graph_flex = os.environ.get("KVCLUSTER_GRAPH_FLEX", "1") == "1"
+        # masked passes of several tokens through the split-key Triton kernel
+        # (workers/subset_attention.py) instead of SDPA with a dense mask; KVCLUSTER_SUBSET_KERNEL=0: off
+        self.subset_kernel = (self.device.type == "cuda" and subset_attention.triton is not None
+                              and os.environ.get("KVCLUSTER_SUBSET_KERNEL", "1") == "1")
         # one-token steps through the split-key Triton kernel (workers/decode_attention.py)
         self.decode_kernel = self.device.type == "cuda" and decode_attention.triton is not None
         self._set_slots()
@@ -209,7 +216,6 @@ class LlamaRunner:
                 return self.attend(q, k, v, p)
         else:
             qf = q.reshape(s.num_kv_heads, g * m, s.head_dim)
-            mask = p.dense_mask(self)
             if q.is_cuda and m == 1 and p.layout == "mask":
                 # the CUDA-graph step: SDPA kernels parallelize over query blocks, which a single
                 # token does not have (8 CTAs on 132 SMs). The split-key kernel, or FlexAttention's
@@ -225,8 +231,12 @@ class LlamaRunner:
                     o = _flex()(q[None], k[None], v[None], block_mask=p.block_mask, scale=self.scale,
                                 enable_gqa=g > 1)[0]
                     return o.transpose(0, 1).reshape(1, -1)
-                o = self._attend_one(qf, k, v, mask)
+                o = self._attend_one(qf, k, v, p.dense_mask(self))
                 return o.reshape(s.num_heads, 1, s.head_dim).transpose(0, 1).reshape(1, -1)
+            if self.subset_kernel and subset_attention.available(q, k, v):
+                o = subset_attention.attend_subset(qf, k, v, p.pos, self.scale, p.subset_ends(g))
+                return o.reshape(s.num_heads, m, s.head_dim).transpose(0, 1).reshape(m, -1)
+            mask = p.dense_mask(self)
             if q.is_cuda and sdpa_kernel is not None and g * m <= SMALL_QUERY:
                 with sdpa_kernel(_NO_CUDNN):
                     o = F.scaled_dot_product_attention(qf[None], k[None], v[None], attn_mask=mask,
@@ -356,7 +366,8 @@ def by_position_block_mask(q_pos: torch.Tensor, n_keys: int, block: int = 128):
     qb, kb = -(-m // block), -(-n_keys // block)
     starts = torch.arange(qb, device=dev) * block
     first = q_pos[starts]  # sorted: the block's smallest position
-    last = q_pos[torch.clamp(starts + block, max=m) - 1]
+    # padding rows of a graphed pass sit past the keys: they see every key, no block beyond
+    last = torch.clamp(q_pos[torch.clamp(starts + block, max=m) - 1], max=n_keys - 1)
     full = torch.clamp((first + 1) // block, max=n_keys // block)  # kv blocks every query sees whole
     partial = last // block + 1 - full
     cols = torch.arange(kb, device=dev)
@@ -386,6 +397,12 @@ class Positions:
     mask: torch.Tensor | None  # [1, 1, g*m, n] bool, in the folded-GQA query order
     block_mask: object | None = None  # FlexAttention's BlockMask (CUDA), instead of ``mask``
     n_keys: int | None = None
+    ends: torch.Tensor | None = None  # the split-key kernel's per-row-block key limits
+
+    def subset_ends(self, groups: int) -> torch.Tensor:
+        if self.ends is None:
+            self.ends = subset_attention.block_ends(self.pos, groups)
+        return self.ends
 
     @classmethod
     def build(cls, runner: "LlamaRunner", pos: torch.Tensor, layout: str, n_keys: int | None) -> "Positions":
@@ -397,7 +414,10 @@ class Positions:
         n = int(n_keys) if n_keys is not None else int(pos[-1]) + 1
         if layout == "causal" or (m == 1 and layout == "tail"):
             return cls(pos, layout, cos, sin, None)
-        if runner.use_flex and m >= FLEX_MIN_QUERIES and n >= FLEX_MIN_KEYS and not padded_causal(layout, m, n):
+        # long masked passes: the split-key kernel where it runs (measured on an H200, dhd r=.05
+        # at 98% reuse, 8k: 33.6 ms vs 37.7 with FlexAttention, which copies K/V contiguous)
+        if (runner.use_flex and not runner.subset_kernel and m >= FLEX_MIN_QUERIES and n >= FLEX_MIN_KEYS
+                and not padded_causal(layout, m, n)):
             return cls(pos, layout, cos, sin, None, by_position_block_mask(pos, n), n_keys=n)
         return cls(pos, layout, cos, sin, None, n_keys=n)
 

@@ -16,10 +16,27 @@ SPEC = ModelSpec(vocab_size=1000, hidden_size=256, num_layers=4, num_heads=8, nu
                  head_dim=32, intermediate_size=512, max_position=4096)
 
 
-def _runner(flex: bool):
+def _runner(flex: bool, subset: bool = False):
+    """Masked passes through FlexAttention (flex), the split-key kernel (subset) or SDPA with a
+    dense mask (neither): the tests compare these paths with each other."""
     r = random_runner(SPEC, "cuda", torch.float32, seed=3, std=0.1)
-    r.use_flex = flex
+    r.use_flex, r.subset_kernel = flex, subset
     return r
+
+
+def test_subset_kernel_matches_dense_mask_in_the_runner():
+    """A masked pass of 150 tokens at scattered positions through the split-key kernel gives the
+    dense-mask SDPA logits."""
+    ids = torch.randint(0, SPEC.vocab_size, (700,), device="cuda")
+    sel = torch.tensor(sorted(set(torch.randint(0, 700, (150,)).tolist()) | {699}), device="cuda")
+    outs = []
+    for subset in (False, True):
+        r = _runner(False, subset)
+        cache = r.new_cache(900)
+        cache.length = 700
+        r.forward(ids, torch.arange(700, device="cuda"), cache, "causal")
+        outs.append(r.logits(r.forward(ids[sel], sel, cache, "mask")))
+    assert torch.allclose(outs[0], outs[1], atol=2e-3)
 
 
 def test_flex_matches_dense_mask(monkeypatch):
@@ -167,10 +184,16 @@ def test_fused_layers_match_unfused():
     assert torch.allclose(outs[True].first_logits, outs[False].first_logits, atol=1e-3)
 
 
-def test_graphed_upper_pass_matches_eager():
+@pytest.mark.parametrize("path", ["subset", "flex", "dense"])
+def test_graphed_upper_pass_matches_eager(path, monkeypatch):
     """dhd's upper pass and a short subset pass, replayed as graphs over the pool, give the eager
-    engine's logits, stats and stored segment (pre-RoPE keys written through the graph)."""
-    r = _runner(True)
+    engine's logits, stats and stored segment (pre-RoPE keys written through the graph), with
+    the graphs attending through the split-key kernel, FlexAttention's in-graph block mask (dhd's
+    110-token pass; the naive pass of 30 tokens keeps the dense mask) or a dense mask."""
+    from workers import cuda_graph
+    monkeypatch.setattr(cuda_graph, "FLEX_MIN_GRAPH_QUERIES", 128)
+    r = _runner(True, subset=path == "subset")
+    r.graph_flex = path == "flex"
     store = InMemorySegmentStore()
     ids = torch.randint(0, SPEC.vocab_size, (500,)).tolist()
     eager, pooled = ReuseEngine(r, store), ReuseEngine(r, store, static_tokens=1024)
@@ -233,3 +256,26 @@ def test_graph_step_split_key_kernel_matches_matmul_attention():
         outs[kernel] = (res.token_ids, res.first_logits)
     assert outs[True][0] == outs[False][0]
     assert torch.allclose(outs[True][1], outs[False][1], atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_heads,g,m,n", [(8, 4, 278, 4096), (2, 4, 37, 700), (1, 1, 5, 130), (2, 2, 300, 2048)])
+def test_subset_kernel_matches_dense_softmax(dtype, kv_heads, g, m, n):
+    """The split-key kernel for a pass of m tokens at sorted positions over n cached keys (strided
+    slices of a larger slot, as the layers see them) matches a dense masked softmax; the last
+    row sits past the keys (a graph's padding row) and sees all of them."""
+    from workers import subset_attention as sa
+    torch.manual_seed(0)
+    d, cap = 64, n + 100
+    pos = torch.sort(torch.randperm(n)[:m]).values.cuda()
+    pos[-1] = cap - 1
+    kc = torch.randn(kv_heads, cap, d, device="cuda", dtype=dtype)
+    vc = torch.randn(kv_heads, cap, d, device="cuda", dtype=dtype)
+    k, v = kc[:, :n], vc[:, :n]
+    qf = torch.randn(kv_heads, g * m, d, device="cuda", dtype=dtype)
+    out = sa.attend_subset(qf, k, v, pos, d ** -0.5)
+    allowed = torch.arange(n, device="cuda")[None, :] <= pos.repeat(g)[:, None]
+    sc = (qf.float() @ k.float().transpose(1, 2)) * d ** -0.5
+    want = torch.softmax(sc.masked_fill(~allowed[None], float("-inf")), -1) @ v.float()
+    tol = 2e-4 if dtype == torch.float32 else 3e-2
+    assert (out.float() - want).abs().max() < tol
