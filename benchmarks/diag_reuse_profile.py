@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.reuse_gpu_bench import changed_plan  # noqa: E402
+from benchmarks.reuse_gpu_bench import changed_plan, timed  # noqa: E402
 from index_service.plan import ReusePlan, ReuseSpan  # noqa: E402
 from workers.engine import ReuseEngine, ReuseSettings  # noqa: E402
 from workers.model_loader import LLAMA3_8B, random_runner  # noqa: E402
@@ -62,7 +62,7 @@ class PhaseTimer:
     def wrap(self, obj, name: str, label: str) -> None:
         real = getattr(obj, name)
 
-        def timed(*args, **kwargs):
+        def timed_call(*args, **kwargs):
             torch.cuda.synchronize()
             frame = [label, time.perf_counter(), 0.0]  # label, start, time of nested phases
             self._stack.append(frame)
@@ -75,7 +75,7 @@ class PhaseTimer:
                 self.totals[label] = self.totals.get(label, 0.0) + took - frame[2]
                 if self._stack:
                     self._stack[-1][2] += took
-        setattr(obj, name, timed)
+        setattr(obj, name, timed_call)
 
 
 def phases(eng, run, reps: int = 10) -> None:
@@ -101,17 +101,6 @@ def phases(eng, run, reps: int = 10) -> None:
     for label, s in sorted(t.totals.items(), key=lambda kv: -kv[1]):
         print(f"  {label:34s} {s / reps * 1e3:8.3f}")
     print(f"  {'sum':34s} {sum(t.totals.values()) / reps * 1e3:8.3f}")
-
-
-def wall_ms(run, reps: int = 10) -> float:
-    walls = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        run()
-        torch.cuda.synchronize()
-        walls.append(time.perf_counter() - t)
-    return statistics.median(walls) * 1e3
 
 
 def main() -> None:
@@ -166,7 +155,7 @@ def main() -> None:
                 eng._layer_graphs = type(eng._layer_graphs)(r, eng._pool)
             for _ in range(3):
                 run()
-            print(f"  {label:40s} prefill {wall_ms(run):.2f} ms")
+            print(f"  {label:40s} prefill {timed(run, 10) * 1e3:.2f} ms")
         r.subset_kernel, r.graph_flex, r.use_flex = saved
         if eng._layer_graphs is not None:
             eng._layer_graphs = type(eng._layer_graphs)(r, eng._pool)

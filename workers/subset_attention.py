@@ -19,6 +19,8 @@ import torch
 try:
     import triton
     import triton.language as tl
+
+    from workers.flash_tile import key_tile
 except ImportError:  # CPU-only installs: callers use SDPA with a dense mask
     triton = None
 
@@ -101,26 +103,8 @@ if triton is not None:
         for k0 in range(start, end, BLOCK_N):
             offs = k0 + tl.arange(0, BLOCK_N)
             valid = offs < end
-            kt = tl.load(k_ptr + h * stride_kh + offs[:, None] * stride_kn + cols[None, :],
-                         mask=valid[:, None], other=0.0)
-            if IEEE:  # float32 runners (tests): no TF32 rounding
-                sc = tl.dot(q, tl.trans(kt), input_precision="ieee") * scale
-            else:
-                sc = tl.dot(q, tl.trans(kt)) * scale
-            seen = valid[None, :] & (offs[None, :] <= rpos[:, None])
-            sc = tl.where(seen, sc, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sc, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
-            p = tl.exp(sc - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            vt = tl.load(v_ptr + h * stride_vh + offs[:, None] * stride_vn + cols[None, :],
-                         mask=valid[:, None], other=0.0)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            m_i = m_new
+            m_i, l_i, acc = key_tile(q, k_ptr, v_ptr, h, stride_kh, stride_kn, stride_vh, stride_vn, offs,
+                                     cols, valid, valid[None, :] & (offs[None, :] <= rpos[:, None]), m_i, l_i, acc, scale, IEEE)
         base = (h * splits + s) * rows
         tl.store(m_ptr + base + r, m_i, mask=live)
         tl.store(l_ptr + base + r, l_i, mask=live)
