@@ -142,13 +142,12 @@ def main() -> None:
     print(line)
     if a.ab:
         r = eng.runner
-        saved = (r.subset_kernel, r.graph_flex, r.use_flex)
+        saved = (r.subset_kernel, r.use_flex)
         variants = {"split-key kernel (default)": saved,
-                    "split-key kernel, no FlexAttention": (True, False, False),
-                    "graphs: FlexAttention from 512 tokens": (False, True, saved[2]),
-                    "dense mask (SDPA)": (False, False, saved[2])}
-        for label, (sk, gf, fl) in variants.items():
-            r.subset_kernel, r.graph_flex, r.use_flex = sk, gf, fl
+                    "no split-key kernel: FlexAttention from 8k keys": (False, saved[1]),
+                    "dense mask (SDPA) only": (False, False)}
+        for label, (sk, fl) in variants.items():
+            r.subset_kernel, r.use_flex = sk, fl
             # fresh graphs in a fresh memory pool (re-capturing into a pool whose graphs were
             # dropped trips an allocator assert)
             if eng._layer_graphs is not None:
@@ -156,7 +155,7 @@ def main() -> None:
             for _ in range(3):
                 run()
             print(f"  {label:40s} prefill {timed(run, 10) * 1e3:.2f} ms")
-        r.subset_kernel, r.graph_flex, r.use_flex = saved
+        r.subset_kernel, r.use_flex = saved
         if eng._layer_graphs is not None:
             eng._layer_graphs = type(eng._layer_graphs)(r, eng._pool)
         for _ in range(3):

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from workers.kv_cache import KVCache
-from workers.model_runner import LlamaRunner, Positions, by_position_block_mask
+from workers.model_runner import LlamaRunner, Positions
 
 
 BUCKET = 1024
@@ -105,7 +105,6 @@ class GraphedStep:
         return logits[0].clone()
 
 
-FLEX_MIN_GRAPH_QUERIES = 512  # without the split-key kernel, graphed passes from this many tokens use FlexAttention
 # token counts with a graph (padding wastes at most ~1/5 past 128); larger passes are GPU-bound
 M_BUCKETS = (16, 32, 64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
 
@@ -117,10 +116,9 @@ class GraphedLayers:
     and ~25 kernels per layer); replayed, they cost their GPU time. Padding rows sit at the pool's
     reserved last slot, so their K/V writes land there; their outputs are dropped. Attention goes
     through the split-key kernel (workers/subset_attention.py), which reads the positions from the
-    device. Without it (KVCLUSTER_SUBSET_KERNEL=0), passes from ``FLEX_MIN_GRAPH_QUERIES`` tokens
-    use FlexAttention with a block mask built inside the graph from the position tensor (at 4k keys
-    on an H200: 36.2 vs 39.5 ms for dhd r=.15 at 90% reuse; at 320 tokens slower than the dense
-    mask), fewer a dense mask.
+    device; without it, a dense mask. (FlexAttention with a block mask built inside the graph from
+    the position tensor was measured and dropped: at 4k keys on an H200, 36.2 ms for dhd r=.15 at
+    90% reuse against 36.4 with the kernel, but slower than the dense mask for 320-token passes.)
     """
 
     def __init__(self, runner: LlamaRunner, pool: KVCache) -> None:
@@ -157,8 +155,6 @@ class GraphedLayers:
         with attending_over(self.pool, keys):
             p = Positions.build(r, pos, "mask", keys)
             p.block_mask = None
-            if r.use_flex and r.graph_flex and not r.subset_kernel and pos.shape[0] >= FLEX_MIN_GRAPH_QUERIES:
-                p.block_mask = by_position_block_mask(pos, keys)
             for layer in range(first, r.spec.num_layers):
                 h = r.layer(layer, h, p, self.pool, k_pre_out=k_pre_out)
             return h

@@ -18,7 +18,7 @@ try:
     import triton
     import triton.language as tl
 
-    from workers.flash_tile import key_tile
+    from workers.flash_tile import key_tile, merge_splits
 except ImportError:  # CPU-only installs: callers use the matmul path
     triton = None
 
@@ -55,8 +55,8 @@ def attend_one_token(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: to
                                  n, per, scale, G=g, GP=gp, D=d, BLOCK_N=BLOCK_N, IEEE=qf.dtype == torch.float32,
                                  num_warps=4)
     out = torch.empty_like(qf)
-    _combine[(kv_heads, g)](m, l, acc, out, splits, G=g, GP=gp, D=d,
-                            SP=max(2, triton.next_power_of_2(splits)), num_warps=4)
+    merge_splits[(kv_heads, g)](m, l, acc, out, gp, g, splits, D=d, BLOCK_R=1,
+                                SP=max(2, triton.next_power_of_2(splits)), num_warps=4)
     return out
 
 
@@ -86,20 +86,3 @@ if triton is not None:
         tl.store(m_ptr + base * GP + rows, m_i)
         tl.store(l_ptr + base * GP + rows, l_i)
         tl.store(acc_ptr + (base * GP + rows[:, None]) * D + cols[None, :], acc)
-
-    @triton.jit
-    def _combine(m_ptr, l_ptr, acc_ptr, out_ptr, splits,
-                 G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SP: tl.constexpr):
-        h = tl.program_id(0)
-        g = tl.program_id(1)
-        ss = tl.arange(0, SP)
-        cols = tl.arange(0, D)
-        live = ss < splits
-        idx = (h * splits + ss) * GP + g
-        m = tl.load(m_ptr + idx, mask=live, other=float("-inf"))
-        l = tl.load(l_ptr + idx, mask=live, other=0.0)
-        top = tl.max(m, 0)  # split 0 always holds key 0, so this is finite
-        w = tl.where(live & (m > float("-inf")), tl.exp(m - top), 0.0)
-        acc = tl.load(acc_ptr + idx[:, None] * D + cols[None, :], mask=live[:, None], other=0.0)
-        o = tl.sum(acc * w[:, None], 0) / tl.sum(w * l, 0)
-        tl.store(out_ptr + (h * G + g) * D + cols, o.to(out_ptr.dtype.element_ty))

@@ -1,8 +1,11 @@
-"""One tile of keys in a flash-attention loop (Triton): the step both split-key kernels share.
+"""What both split-key attention kernels share (Triton): one tile of keys, and the merge.
 
-Scores of a block of query rows against BLOCK_N keys, masked by ``seen`` (row, key), folded into
-the running max ``m_i``, sum ``l_i`` and output ``acc`` (online softmax; K and V read once).
-Rows that have seen no key yet keep m = -inf and contribute nothing.
+``key_tile``: scores of a block of query rows against BLOCK_N keys, masked by ``seen`` (row,
+key), folded into the running max ``m_i``, sum ``l_i`` and output ``acc`` (online softmax; K and
+V read once). Rows that have seen no key yet keep m = -inf and contribute nothing.
+
+``merge_splits``: the partial results of the key slices ([Hkv, splits, in_rows] of m and l,
+[..., D] of acc) merged into the output [Hkv, out_rows, D], BLOCK_R rows per program.
 """
 from __future__ import annotations
 
@@ -35,3 +38,23 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
         l_i = l_i * alpha + tl.sum(p, 1)
         return m_new, l_i, acc
+
+    @triton.jit
+    def merge_splits(m_ptr, l_ptr, acc_ptr, out_ptr, in_rows, out_rows, splits,
+                     D: tl.constexpr, BLOCK_R: tl.constexpr, SP: tl.constexpr):
+        h = tl.program_id(0)
+        r0 = tl.program_id(1) * BLOCK_R
+        ss = tl.arange(0, SP)
+        cols = tl.arange(0, D)
+        live = ss < splits
+        for i in range(BLOCK_R):
+            row = r0 + i
+            if row < out_rows:
+                idx = (h * splits + ss) * in_rows + row
+                m = tl.load(m_ptr + idx, mask=live, other=float("-inf"))
+                l = tl.load(l_ptr + idx, mask=live, other=0.0)
+                top = tl.max(m, 0)  # split 0 holds key 0, which every row sees: finite
+                w = tl.where(live & (m > float("-inf")), tl.exp(m - top), 0.0)
+                acc = tl.load(acc_ptr + idx[:, None] * D + cols[None, :], mask=live[:, None], other=0.0)
+                o = tl.sum(acc * w[:, None], 0) / tl.sum(w * l, 0)
+                tl.store(out_ptr + (h * out_rows + row) * D + cols, o.to(out_ptr.dtype.element_ty))

@@ -88,12 +88,9 @@ class LlamaRunner:
         # one-token graph steps through FlexAttention's decoder: measured equal to batched matmuls
         # (0.85 vs 0.88 ms of attention per 8k-token step), so off; kept, tested, for longer contexts
         self.flex_decode = False
-        # graphed layer passes (workers/cuda_graph.py) attend through FlexAttention with an
-        # in-graph block mask; off: a dense mask (KVCLUSTER_GRAPH_FLEX=0, for comparison)
-        self.graph_flex = os.environ.get("KVCLUSTER_GRAPH_FLEX", "1") == "1"
         # masked passes of several tokens through the split-key Triton kernel
         # (workers/subset_attention.py) instead of SDPA with a dense mask; KVCLUSTER_SUBSET_KERNEL=0: off
-        self.subset_kernel = (self.device.type == "cuda" and subset_attention.triton is not None
+        self.subset_kernel = (self.device.type == "cuda" and subset_attention.supports(spec.head_dim)
                               and os.environ.get("KVCLUSTER_SUBSET_KERNEL", "1") == "1")
         # one-token steps through the split-key Triton kernel (workers/decode_attention.py)
         self.decode_kernel = self.device.type == "cuda" and decode_attention.triton is not None
@@ -233,7 +230,7 @@ class LlamaRunner:
                     return o.transpose(0, 1).reshape(1, -1)
                 o = self._attend_one(qf, k, v, p.dense_mask(self))
                 return o.reshape(s.num_heads, 1, s.head_dim).transpose(0, 1).reshape(1, -1)
-            if self.subset_kernel and subset_attention.available(q, k, v):
+            if self.subset_kernel and subset_attention.strides_fit(k, v):
                 o = subset_attention.attend_subset(qf, k, v, p.pos, self.scale, p.subset_ends(g))
                 return o.reshape(s.num_heads, m, s.head_dim).transpose(0, 1).reshape(m, -1)
             mask = p.dense_mask(self)

@@ -20,7 +20,7 @@ try:
     import triton
     import triton.language as tl
 
-    from workers.flash_tile import key_tile
+    from workers.flash_tile import key_tile, merge_splits
 except ImportError:  # CPU-only installs: callers use SDPA with a dense mask
     triton = None
 
@@ -30,9 +30,13 @@ MIN_KEYS_PER_SPLIT = 512
 TARGET_PROGRAMS = 4 * 132  # a few waves on an H100/H200
 
 
-def available(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    return (triton is not None and q.is_cuda and q.shape[-1] in (16, 32, 64, 128, 256)
-            and k.stride(-1) == 1 and v.stride(-1) == 1)
+def supports(head_dim: int) -> bool:
+    """Whether the kernel runs for this head size (Triton present; tl.dot wants a power of two)."""
+    return triton is not None and head_dim in (16, 32, 64, 128, 256)
+
+
+def strides_fit(k: torch.Tensor, v: torch.Tensor) -> bool:
+    return k.stride(-1) == 1 and v.stride(-1) == 1
 
 
 def split_plan(row_blocks: int, n_keys: int) -> tuple[int, int]:
@@ -76,8 +80,8 @@ def attend_subset(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch
         rows, m, n, per, scale, D=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         IEEE=qf.dtype == torch.float32, num_warps=4, num_stages=2)
     out = torch.empty_like(qf)
-    _combine[(kv_heads, -(-rows // 16))](mx, l, acc, out, rows, splits, D=d, BLOCK_R=16,
-                                         SP=max(2, triton.next_power_of_2(splits)), num_warps=4)
+    merge_splits[(kv_heads, -(-rows // 16))](mx, l, acc, out, rows, rows, splits, D=d, BLOCK_R=16,
+                                             SP=max(2, triton.next_power_of_2(splits)), num_warps=4)
     return out
 
 
@@ -109,23 +113,3 @@ if triton is not None:
         tl.store(m_ptr + base + r, m_i, mask=live)
         tl.store(l_ptr + base + r, l_i, mask=live)
         tl.store(acc_ptr + (base + r[:, None]) * D + cols[None, :], acc, mask=live[:, None])
-
-    @triton.jit
-    def _combine(m_ptr, l_ptr, acc_ptr, out_ptr, rows, splits,
-                 D: tl.constexpr, BLOCK_R: tl.constexpr, SP: tl.constexpr):
-        h = tl.program_id(0)
-        r0 = tl.program_id(1) * BLOCK_R
-        ss = tl.arange(0, SP)
-        cols = tl.arange(0, D)
-        for i in range(BLOCK_R):
-            row = r0 + i
-            if row < rows:
-                idx = (h * splits + ss) * rows + row
-                live = ss < splits
-                m = tl.load(m_ptr + idx, mask=live, other=float("-inf"))
-                l = tl.load(l_ptr + idx, mask=live, other=0.0)
-                top = tl.max(m, 0)  # split 0 holds key 0, which every row sees: finite
-                w = tl.where(live & (m > float("-inf")), tl.exp(m - top), 0.0)
-                acc = tl.load(acc_ptr + idx[:, None] * D + cols[None, :], mask=live[:, None], other=0.0)
-                o = tl.sum(acc * w[:, None], 0) / tl.sum(w * l, 0)
-                tl.store(out_ptr + (h * rows + row) * D + cols, o.to(out_ptr.dtype.element_ty))
