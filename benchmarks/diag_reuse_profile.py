@@ -10,8 +10,9 @@ host time before the one-token graph's launch (prefix mode), and the CUDA kernel
 (torch.profiler) over three prefills, with their summed GPU time per prefill (wall minus that is
 time the GPU waited for the host). ``--phases`` adds the wall time of each phase of a prefill
 (placement, check layer, scoring, selection, upper layers, logits), measured with a device sync
-around each, so their sum exceeds the plain prefill a little. The README's kernel breakdowns come
-from this script.
+around each, so their sum exceeds the plain prefill a little. ``--gaps`` instead profiles host and device
+together (no syncs) and charges each stretch where no kernel runs to the phase the host was in:
+what a CUDA graph of that phase could save. The README's kernel breakdowns come from this script.
 """
 from __future__ import annotations
 
@@ -78,20 +79,24 @@ class PhaseTimer:
         setattr(obj, name, timed_call)
 
 
-def phases(eng, run, reps: int = 10) -> None:
+def wrap_phases(eng, wrap) -> None:
     import workers.engine as engine_mod
-    t = PhaseTimer()
     r = eng.runner
-    t.wrap(eng, "_place", "place donor KV")
-    t.wrap(r, "layer", "layers, eager")
-    t.wrap(r, "write_kv", "check layer q/k/v")
-    t.wrap(r, "attention_received", "attention received")
+    wrap(eng, "_place", "place donor KV")
+    wrap(r, "layer", "layers, eager")
+    wrap(r, "write_kv", "check layer q/k/v")
+    wrap(r, "attention_received", "attention received")
     for fn in ("select_dhd_tokens", "select_cacheblend_tokens", "v_deviation"):
-        t.wrap(engine_mod, fn, fn)
-    t.wrap(eng, "_layers", "upper layers (graph or eager)")
-    t.wrap(r, "logits", "logits")
-    t.wrap(eng, "_checked", "rest of _checked")
-    t.wrap(eng, "prefill", "rest of prefill")
+        wrap(engine_mod, fn, fn)
+    wrap(eng, "_layers", "upper layers (graph or eager)")
+    wrap(r, "logits", "logits")
+    wrap(eng, "_checked", "rest of _checked")
+    wrap(eng, "prefill", "rest of prefill")
+
+
+def phases(eng, run, reps: int = 10) -> None:
+    t = PhaseTimer()
+    wrap_phases(eng, t.wrap)
     for _ in range(2):
         run()
     t.totals.clear()
@@ -103,12 +108,74 @@ def phases(eng, run, reps: int = 10) -> None:
     print(f"  {'sum':34s} {sum(t.totals.values()) / reps * 1e3:8.3f}")
 
 
+def gaps(eng, run, reps: int = 5, step_us: float = 2.0) -> None:
+    """Device idle time per prefill, charged to the innermost phase the host was in."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    def wrap(obj, name, label):
+        real = getattr(obj, name)
+
+        def labelled(*args, **kwargs):
+            with record_function("phase:" + label):
+                return real(*args, **kwargs)
+        setattr(obj, name, labelled)
+    wrap_phases(eng, wrap)
+    wrap(torch.cuda.CUDAGraph, "replay", "graph launch")
+    if eng._check_graphs is not None:
+        wrap(type(eng._check_graphs), "__call__", "check graph (inputs, launch)")
+    for _ in range(2):
+        run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            run()
+            torch.cuda.synchronize()
+    events = prof.events()
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in events  # not the phases'
+                     if e.device_type == DeviceType.CUDA and not e.name.startswith("phase:"))  # device spans
+    spans = sorted(((e.time_range.start, e.time_range.end, e.name[6:]) for e in events
+                    if e.name.startswith("phase:")), key=lambda t: (t[0], -t[1]))
+    calls = [s for s in spans if s[2] == "rest of prefill"]
+    idle: dict[str, float] = {}
+    walls, busy = [], []
+    for c0, c1, _ in calls:
+        ks = [(max(a, c0), min(b, c1)) for a, b in kernels if b > c0 and a < c1]
+        end = max((b for _, b in ks), default=c1)  # the host's sync after the last kernel is not idle
+        walls.append(end - c0)
+        merged: list[list[float]] = []
+        for a, b in ks:
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        busy.append(sum(b - a for a, b in merged))
+        inner = [s for s in spans if s[0] >= c0 and s[1] <= c1]
+        t, k = c0, 0
+        while t < end:
+            while k < len(merged) and merged[k][1] <= t:
+                k += 1
+            if k < len(merged) and merged[k][0] <= t:
+                t = merged[k][1]
+                continue
+            label = next((s[2] for s in reversed(inner) if s[0] <= t < s[1]), "outside any phase")
+            idle[label] = idle.get(label, 0.0) + step_us
+            t += step_us
+    n = len(calls)
+    print(f"profiled (host + device, no syncs): prefill {sum(walls) / n / 1e3:.2f} ms to its last kernel, "
+          f"device busy {sum(busy) / n / 1e3:.2f} ms")
+    print("device idle per prefill, by the phase the host was in (ms):")
+    for label, us in sorted(idle.items(), key=lambda kv: -kv[1]):
+        print(f"  {label:34s} {us / n / 1e3:8.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--mode", choices=("dhd", "cacheblend", "prefix"), default="dhd")
     ap.add_argument("--reuse", type=float, default=0.98, help="fraction of the prompt reused")
     ap.add_argument("--ratio", type=float, default=0.05, help="recompute ratio r")
     ap.add_argument("--phases", action="store_true", help="also time each phase (synced)")
+    ap.add_argument("--gaps", action="store_true", help="also charge device idle time to phases")
     ap.add_argument("--cprofile", type=int, default=0, help="also print this many rows of a "
                     "Python profile (cProfile, by own time) over 10 prefills")
     ap.add_argument("--ab", action="store_true", help="also time the prefill with each attention "
@@ -143,11 +210,14 @@ def main() -> None:
     if a.ab:
         r = eng.runner
         saved = (r.subset_kernel, r.use_flex)
-        variants = {"split-key kernel (default)": saved,
-                    "no split-key kernel: FlexAttention from 8k keys": (False, saved[1]),
-                    "dense mask (SDPA) only": (False, False)}
-        for label, (sk, fl) in variants.items():
+        check_graphs = eng._check_graphs
+        variants = {"split-key kernel (default)": (*saved, True),
+                    "layers 0..c and scoring eager": (*saved, False),
+                    "no split-key kernel: FlexAttention from 8k keys": (False, saved[1], True),
+                    "dense mask (SDPA) only": (False, False, True)}
+        for label, (sk, fl, graphed) in variants.items():
             r.subset_kernel, r.use_flex = sk, fl
+            eng._check_graphs = type(check_graphs)(r, eng._pool) if graphed and check_graphs else None
             # fresh graphs in a fresh memory pool (re-capturing into a pool whose graphs were
             # dropped trips an allocator assert)
             if eng._layer_graphs is not None:
@@ -156,6 +226,7 @@ def main() -> None:
                 run()
             print(f"  {label:40s} prefill {timed(run, 10) * 1e3:.2f} ms")
         r.subset_kernel, r.use_flex = saved
+        eng._check_graphs = type(check_graphs)(r, eng._pool) if check_graphs else None
         if eng._layer_graphs is not None:
             eng._layer_graphs = type(eng._layer_graphs)(r, eng._pool)
         for _ in range(3):
@@ -178,7 +249,9 @@ def main() -> None:
             run()
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(a.cprofile)
-    if a.phases:
+    if a.gaps:  # before --phases: both wrap the same methods
+        gaps(eng, run)
+    elif a.phases:
         phases(eng, run)
 
 

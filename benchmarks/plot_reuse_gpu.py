@@ -17,18 +17,25 @@ labels = {"speedup": "TTFT speedup over full prefill", "of_limit": "speedup / FL
 modes = [m["mode"] for m in data["rows"][0]["modes"]]
 tokens = [r["tokens"] for r in data["rows"]]
 for ax, pick in zip(axes, picks):
-    for name in modes:
-        if pick == "of_limit" and name.startswith("prefix"):
-            continue  # one computed token: a FLOP limit of n x says nothing (see of_roofline)
-        ys = [next(m[pick] for m in r["modes"] if m["mode"] == name) for r in data["rows"]]
-        ax.plot(tokens, ys, marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("prompt tokens")
+    shown = [n for n in modes if not (pick == "of_limit" and n.startswith("prefix"))]
+    # (prefix modes compute one token: a FLOP limit of n x says nothing, see of_roofline)
+    if len(tokens) == 1:  # one prompt length (a partial run): bars per mode
+        ys = [next(m[pick] for m in data["rows"][0]["modes"] if m["mode"] == n) for n in shown]
+        ax.bar(range(len(shown)), ys, color=[f"C{modes.index(n)}" for n in shown])
+        ax.set_xticks(range(len(shown)), shown, rotation=45, ha="right", fontsize=7)
+        ax.set_xlabel(f"{tokens[0]} prompt tokens")
+    else:
+        for name in shown:
+            ys = [next(m[pick] for m in r["modes"] if m["mode"] == name) for r in data["rows"]]
+            ax.plot(tokens, ys, marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("prompt tokens")
     ax.set_ylabel(labels[pick])
     ax.grid(alpha=0.3)
 axes[0].set_yscale("log")
 axes[1].axhline(0.8, color="k", ls="--", lw=1)
-axes[0].legend(fontsize=7)
+if len(tokens) > 1:
+    axes[0].legend(fontsize=7)
 fig.suptitle(f"{data['device']}, Llama-3-8B shape, random bf16 weights ({data['date'][:10]})")
 fig.tight_layout()
 out = src.with_suffix(".png")

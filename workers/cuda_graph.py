@@ -69,7 +69,7 @@ class GraphedStep:
     def _body(self, keys: int) -> torch.Tensor:
         r = self.runner
         with attending_over(self.pool, keys):
-            p = Positions.build(r, self.pos, "mask", keys)
+            p = Positions.build(r, self.pos, "mask", keys, bound=self.pool.capacity)
             h = r.embed(self.tok)
             for layer in range(r.spec.num_layers):
                 h = r.layer(layer, h, p, self.pool)
@@ -105,8 +105,10 @@ class GraphedStep:
         return logits[0].clone()
 
 
-# token counts with a graph (padding wastes at most ~1/5 past 128); larger passes are GPU-bound
-M_BUCKETS = (16, 32, 64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
+# token counts with a graph: steps of 16 to 256 (a layer's four matmuls at 1k keys on an H200,
+# benchmarks/diag_small_pass.py: 125.7 us for 67 rows, 135.4 for 128; 152.3 for 176, 165.6 for
+# 192), then padding at most ~1/8; larger passes are GPU-bound
+M_BUCKETS = tuple(range(16, 257, 16)) + (288, 320, 352, 384, 448, 512, 576, 640, 768, 896, 1024)
 
 
 class GraphedLayers:
@@ -153,7 +155,7 @@ class GraphedLayers:
     def _body(self, first: int, h: torch.Tensor, pos: torch.Tensor, keys: int, k_pre_out) -> torch.Tensor:
         r = self.runner
         with attending_over(self.pool, keys):
-            p = Positions.build(r, pos, "mask", keys)
+            p = Positions.build(r, pos, "mask", keys, bound=self.pool.capacity)
             p.block_mask = None
             for layer in range(first, r.spec.num_layers):
                 h = r.layer(layer, h, p, self.pool, k_pre_out=k_pre_out)

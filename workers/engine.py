@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from index_service.plan import ReusePlan
-from workers.dhd import epic_positions, select_cacheblend_tokens, select_dhd_tokens, v_deviation
+from workers.dhd import (epic_positions, recompute_budget, select_cacheblend_tokens, select_dhd_tokens,
+                         v_deviation)
 from workers.errors import (DonorMissingError, DonorShapeError, EmptyPromptError,
                             FingerprintMismatchError, InvalidParameterError, PromptTooLongError,
                             TokenOutOfVocabError)
@@ -123,14 +124,18 @@ class ReuseEngine:
         self._pool_owner: Sequence | None = None
         self._graph = None
         self._layer_graphs = None
+        self._check_graphs = None
         self._k_pre_pool: torch.Tensor | None = None  # pre-RoPE keys of the pooled prompt (static)
         self.pool_reuse = True  # a pooled prompt's exact prefix left in the pool is reused in place
         if static_tokens and runner.device.type == "cuda":
             from workers.cuda_graph import GraphedLayers, GraphedStep
+            from workers.graphed_check import CheckGraphs
             # + the graph's reserved slot, rounded so attention rows stay aligned
             self._pool = runner.new_cache(-(-(static_tokens + 1) // 128) * 128)
+            runner.rope.reserve(self._pool.capacity)  # graphs' padding rows sit up to the last slot
             self._graph = GraphedStep(runner, self._pool)
             self._layer_graphs = GraphedLayers(runner, self._pool)
+            self._check_graphs = CheckGraphs(runner, self._pool)
 
     # ---- validation -------------------------------------------------------------------------
     def check_prompt(self, token_ids, max_tokens: int = 0) -> list[int]:
@@ -208,7 +213,7 @@ class ReuseEngine:
                 raise DonorShapeError(f"plan maps tokens of donor {did!r} onto different tokens")
             dst_t = torch.from_numpy(new_pos).to(r.device, non_blocking=True)
             src_t = torch.from_numpy(src).to(seg.keys.device, non_blocking=True)
-            cos, sin = r.rope.cos_sin(dst_t, r.dtype)
+            cos, sin = r.rope.cos_sin(dst_t, r.dtype, bound=len(ids))
             place_kv(seq.cache.k, seq.cache.v, seg.keys, seg.values, src_t, dst_t, cos, sin, seq.k_pre)
             placed.append(new_pos)
         placed = [p for p in placed if p.size]
@@ -335,10 +340,11 @@ class ReuseEngine:
         neither run through layers 0..c nor a candidate for recomputation."""
         r, n = self.runner, len(ids)
         c = 1 if st.mode == "cacheblend" else st.check_layer
-        L = r.spec.num_layers
         slot_c = r.kv_slot[c]
         must_np = np.ones(n, dtype=bool)
         must_np[reused] = False
+        if self._check_graphs is not None and seq.cache is self._pool and self._check_graphs.fits(n, prefix):
+            return self._checked_graphed(seq, ids, reused, must_np, st, prefix, c)
         cand = torch.from_numpy(reused[reused >= prefix]).to(r.device, non_blocking=True)
         must_pos = torch.from_numpy(np.nonzero(must_np)[0]).to(r.device, non_blocking=True)
         v_reused = seq.cache.v[slot_c][:, cand].clone()
@@ -357,25 +363,50 @@ class ReuseEngine:
             chosen = select_cacheblend_tokens(dev, st.recompute_ratio, st.min_recompute)
         sel = torch.cat([must_pos, cand[chosen]]).sort().values  # sizes known: no GPU sync
         if st.decode_recompute > 0 and st.mode == "dhd":
-            compute = torch.zeros(n, dtype=torch.bool, device=r.device)
-            compute[sel] = True
-            self._keep_for_decode(seq, h, prefix, cand, dev, compute)
+            dev_rows = torch.zeros(n - prefix, dtype=torch.float32, device=r.device)
+            dev_rows[cand - prefix] = dev
+            stale_rows = torch.zeros(n - prefix, dtype=torch.bool, device=r.device)
+            stale_rows[cand - prefix] = True
+            stale_rows[sel - prefix] = False
+            self._keep_for_decode(seq, h, prefix, dev_rows, stale_rows)
         hs = self._layers(seq, h[sel - prefix], sel, c, n)
-        s = seq.stats
-        s.reused_tokens, s.computed_tokens = len(reused), int(must_np.sum())
-        s.recomputed_tokens = len(chosen)
-        s.flops_fraction = ((c + r.qkv_flop_share()) * (n - prefix) + (L - c) * len(sel)) / (L * n)
+        self._checked_stats(seq, reused, must_np, len(chosen), prefix, c)
         return r.logits(hs[-1:])[0]
 
-    def _keep_for_decode(self, seq: Sequence, h_c: torch.Tensor, offset: int, cand: torch.Tensor,
-                         dev: torch.Tensor, compute: torch.Tensor) -> None:
-        n = len(compute)
+    def _checked_graphed(self, seq: Sequence, ids: np.ndarray, reused: np.ndarray, must_np: np.ndarray,
+                         st: ReuseSettings, prefix: int, c: int) -> torch.Tensor:
+        """``_checked`` with layers 0..c and the scoring replayed as one graph (short prompts)."""
+        from workers.graphed_check import CANDIDATE, MUST
+        kinds = np.where(must_np[prefix:], MUST, CANDIDATE)
+        k = recompute_budget(int((kinds == CANDIDATE).sum()), st.recompute_ratio, st.min_recompute)
+        mode = "dhd" if st.mode == "dhd" else "cacheblend"
+        out = self._check_graphs(mode, c, ids[prefix:], prefix, len(ids), kinds, k,
+                                 self._k_pre_pool if seq.k_pre is not None else None)
+        if st.decode_recompute > 0 and st.mode == "dhd":  # the graph's buffers are reused: copies
+            self._keep_for_decode(seq, out.hidden.clone(), prefix, out.deviation.clone(), out.stale.clone())
+        hs = self._layers(seq, out.hidden[out.rows], out.positions, c, len(ids))
+        self._checked_stats(seq, reused, must_np, k, prefix, c)
+        return self.runner.logits(hs[-1:])[0]
+
+    def _checked_stats(self, seq: Sequence, reused: np.ndarray, must_np: np.ndarray, recomputed: int,
+                       prefix: int, c: int) -> None:
+        r, n, s = self.runner, len(must_np), seq.stats
+        L = r.spec.num_layers
+        s.reused_tokens, s.computed_tokens = len(reused), int(must_np.sum())
+        s.recomputed_tokens = recomputed
+        upper = s.computed_tokens + recomputed
+        s.flops_fraction = ((c + r.qkv_flop_share()) * (n - prefix) + (L - c) * upper) / (L * n)
+
+    def _keep_for_decode(self, seq: Sequence, h_c: torch.Tensor, offset: int, dev_rows: torch.Tensor,
+                         stale_rows: torch.Tensor) -> None:
+        """What DHD decode needs: layer c's input and, per prompt position, the V deviation and
+        whether the KV is reused and not recomputed (``*_rows``: positions offset.. of the prompt)."""
+        n = seq.prompt_len
         seq.hidden_c, seq.hidden_offset = h_c, offset
         seq.deviation = torch.zeros(n, dtype=torch.float32, device=h_c.device)
-        seq.deviation[cand] = dev
+        seq.deviation[offset:] = dev_rows
         seq.stale = torch.zeros(n, dtype=torch.bool, device=h_c.device)
-        seq.stale[cand] = True
-        seq.stale &= ~compute
+        seq.stale[offset:] = stale_rows
 
     # ---- decode -----------------------------------------------------------------------------
     @torch.inference_mode()

@@ -250,9 +250,10 @@ class LlamaRunner:
         return attend(qf, k, v, mask[0], self.scale)
 
     def attention_received(self, q: torch.Tensor, k: torch.Tensor, q_positions: torch.Tensor,
-                           n_keys: int, chunk: int = 256) -> torch.Tensor:
+                           n_keys: int, chunk: int = 256, row_weight: torch.Tensor | None = None) -> torch.Tensor:
         """Attention each key 0..n_keys-1 receives from the queries q [H, m, d], summed over
-        queries and heads (causal by position). Used to score reused tokens (DHD)."""
+        queries (each weighted by ``row_weight`` [m] if given: a graph's padding rows weigh 0) and
+        heads (causal by position). Used to score reused tokens (DHD)."""
         s = self.spec
         g = s.num_heads // s.num_kv_heads
         kk = k.transpose(1, 2)
@@ -264,7 +265,9 @@ class LlamaRunner:
             scores = torch.matmul(qs.reshape(s.num_kv_heads, g * mc, s.head_dim), kk).float() * self.scale
             allowed = (key_pos[None, :] <= q_positions[i:i + chunk, None]).repeat(g, 1)
             probs = torch.softmax(scores.masked_fill(~allowed[None], float("-inf")), dim=-1)
-            total += probs.sum(dim=(0, 1))
+            if row_weight is not None:  # rows are (group, query): weight by query
+                probs = probs.view(s.num_kv_heads, g, mc, n_keys) * row_weight[i:i + chunk, None]
+            total += probs.sum(dim=tuple(range(probs.dim() - 1)))
         return self.all_reduce(total)
 
     def mlp(self, layer: int, h: torch.Tensor) -> torch.Tensor:
@@ -402,13 +405,15 @@ class Positions:
         return self.ends
 
     @classmethod
-    def build(cls, runner: "LlamaRunner", pos: torch.Tensor, layout: str, n_keys: int | None) -> "Positions":
+    def build(cls, runner: "LlamaRunner", pos: torch.Tensor, layout: str, n_keys: int | None,
+              bound: int | None = None) -> "Positions":
+        """``bound``: every position is below it; by default ``n_keys`` (a token attends to its
+        own key), but a graph's padding rows sit past the keys, up to its pool's last slot."""
         if layout not in ("causal", "tail", "mask"):
             raise ValueError(f"unknown layout {layout!r}")
-        cos, sin = runner.rope.cos_sin(pos, runner.dtype)
-        mask = None
         m = pos.shape[0]
         n = int(n_keys) if n_keys is not None else int(pos[-1]) + 1
+        cos, sin = runner.rope.cos_sin(pos, runner.dtype, bound or n)
         if layout == "causal" or (m == 1 and layout == "tail"):
             return cls(pos, layout, cos, sin, None)
         # long masked passes: the split-key kernel where it runs (measured on an H200, dhd r=.05

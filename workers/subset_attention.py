@@ -26,6 +26,8 @@ except ImportError:  # CPU-only installs: callers use SDPA with a dense mask
 
 BLOCK_M = 64   # folded query rows per program
 BLOCK_N = 64   # keys per tile
+NUM_WARPS, NUM_STAGES = 4, 2
+MERGE_ROWS = 16  # rows per merge program
 MIN_KEYS_PER_SPLIT = 512
 TARGET_PROGRAMS = 4 * 132  # a few waves on an H100/H200
 
@@ -72,24 +74,30 @@ def attend_subset(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch
     if ends is None:
         ends = block_ends(pos, rows // m)
     per, splits = split_plan(kv_heads * row_blocks, n)
-    mx = torch.empty(kv_heads, splits, rows, dtype=torch.float32, device=qf.device)
-    l = torch.empty_like(mx)
-    acc = torch.empty(kv_heads, splits, rows, d, dtype=torch.float32, device=qf.device)
-    _partial[(kv_heads, row_blocks, splits)](
-        qf, k, v, pos, ends, mx, l, acc, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        rows, m, n, per, scale, D=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        IEEE=qf.dtype == torch.float32, num_warps=4, num_stages=2)
     out = torch.empty_like(qf)
-    merge_splits[(kv_heads, -(-rows // 16))](mx, l, acc, out, rows, rows, splits, D=d, BLOCK_R=16,
-                                             SP=max(2, triton.next_power_of_2(splits)), num_warps=4)
+    if splits == 1:  # one slice per row block: normalize in place of the merge kernel
+        mx = l = acc = out
+    else:
+        mx = torch.empty(kv_heads, splits, rows, dtype=torch.float32, device=qf.device)
+        l = torch.empty_like(mx)
+        acc = torch.empty(kv_heads, splits, rows, d, dtype=torch.float32, device=qf.device)
+    _partial[(kv_heads, row_blocks, splits)](
+        qf, k, v, pos, ends, mx, l, acc, out, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        rows, m, n, per, scale, D=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        IEEE=qf.dtype == torch.float32, DIRECT=splits == 1, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    if splits > 1:
+        merge_splits[(kv_heads, -(-rows // MERGE_ROWS))](mx, l, acc, out, rows, rows, splits, D=d,
+                                                         BLOCK_R=MERGE_ROWS, SP=max(2, triton.next_power_of_2(splits)),
+                                                         num_warps=4)
     return out
 
 
 if triton is not None:
     @triton.jit
-    def _partial(q_ptr, k_ptr, v_ptr, pos_ptr, ends_ptr, m_ptr, l_ptr, acc_ptr, stride_kh, stride_kn,
+    def _partial(q_ptr, k_ptr, v_ptr, pos_ptr, ends_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, stride_kh, stride_kn,
                  stride_vh, stride_vn, rows, m_tokens, n_keys, per_split, scale,
-                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+                 DIRECT: tl.constexpr):
         h = tl.program_id(0)
         rb = tl.program_id(1)
         s = tl.program_id(2)
@@ -109,7 +117,12 @@ if triton is not None:
             valid = offs < end
             m_i, l_i, acc = key_tile(q, k_ptr, v_ptr, h, stride_kh, stride_kn, stride_vh, stride_vn, offs,
                                      cols, valid, valid[None, :] & (offs[None, :] <= rpos[:, None]), m_i, l_i, acc, scale, IEEE)
-        base = (h * splits + s) * rows
-        tl.store(m_ptr + base + r, m_i, mask=live)
-        tl.store(l_ptr + base + r, l_i, mask=live)
-        tl.store(acc_ptr + (base + r[:, None]) * D + cols[None, :], acc, mask=live[:, None])
+        if DIRECT:  # every live row has seen key 0: l_i > 0
+            o = acc / tl.where(live, l_i, 1.0)[:, None]
+            tl.store(out_ptr + (h * rows + r[:, None]) * D + cols[None, :], o.to(out_ptr.dtype.element_ty),
+                     mask=live[:, None])
+        else:
+            base = (h * splits + s) * rows
+            tl.store(m_ptr + base + r, m_i, mask=live)
+            tl.store(l_ptr + base + r, l_i, mask=live)
+            tl.store(acc_ptr + (base + r[:, None]) * D + cols[None, :], acc, mask=live[:, None])

@@ -184,20 +184,27 @@ def test_fused_layers_match_unfused():
     assert torch.allclose(outs[True].first_logits, outs[False].first_logits, atol=1e-3)
 
 
-@pytest.mark.parametrize("path", ["subset", "dense"])
-def test_graphed_upper_pass_matches_eager(path):
-    """dhd's upper pass and a short subset pass, replayed as graphs over the pool, give the eager
-    engine's logits, stats and stored segment (pre-RoPE keys written through the graph), with
-    the graphs attending through the split-key kernel or a dense mask."""
-    r = _runner(True, subset=path == "subset")
+def _eager_and_pooled(r, changed):
+    """An eager engine and a pooled (graphed) one over ``r``, sharing a store that holds donor
+    "d" (500 random tokens); returns them and the donor's tokens with ``changed`` positions
+    replaced."""
     store = InMemorySegmentStore()
     ids = torch.randint(0, SPEC.vocab_size, (500,)).tolist()
     eager, pooled = ReuseEngine(r, store), ReuseEngine(r, store, static_tokens=1024)
     seq, _ = eager.prefill(ids, None, ReuseSettings(mode="full"), keep_segment=True)
     store.put(eager.segment_of(seq, "d"))
     new = list(ids)
-    for i in range(100, 130):
+    for i in changed:
         new[i] = (new[i] + 1) % SPEC.vocab_size
+    return eager, pooled, new
+
+
+@pytest.mark.parametrize("path", ["subset", "dense"])
+def test_graphed_upper_pass_matches_eager(path):
+    """dhd's upper pass and a short subset pass, replayed as graphs over the pool, give the eager
+    engine's logits, stats and stored segment (pre-RoPE keys written through the graph), with
+    the graphs attending through the split-key kernel or a dense mask."""
+    eager, pooled, new = _eager_and_pooled(_runner(True, subset=path == "subset"), range(100, 130))
     plan = ReusePlan(500, [ReuseSpan(0, "d", 0, 100), ReuseSpan(130, "d", 130, 370)], prefix_len=100)
     for st in (ReuseSettings(mode="dhd", recompute_ratio=0.2, decode_recompute=0), ReuseSettings(mode="naive")):
         a, la = eager.prefill(new, plan, st, keep_segment=True)
@@ -275,3 +282,36 @@ def test_subset_kernel_matches_dense_softmax(dtype, kv_heads, g, m, n):
     want = torch.softmax(sc.masked_fill(~allowed[None], float("-inf")), -1) @ v.float()
     tol = 2e-4 if dtype == torch.float32 else 3e-2
     assert (out.float() - want).abs().max() < tol
+
+
+@pytest.mark.parametrize("mode", ["dhd", "cacheblend"])
+def test_graphed_check_matches_eager(mode):
+    """dhd/cacheblend with layers 0..c and the scoring replayed as one graph over the pool
+    (workers/graphed_check.py) choose the eager engine's tokens and give its logits, stored
+    segment and DHD decode steps; with and without an exact prefix, one graph per shape bucket."""
+    eager, pooled, new = _eager_and_pooled(_runner(False, subset=True), list(range(100, 130)) + list(range(300, 306)))
+    spans = [ReuseSpan(0, "d", 0, 100), ReuseSpan(130, "d", 130, 170), ReuseSpan(306, "d", 306, 194)]
+    st = ReuseSettings(mode=mode, recompute_ratio=0.2, decode_recompute=2)
+    for prefix, keep in ((100, True), (0, False)):
+        plan = ReusePlan(500, spans, prefix_len=prefix)
+        a, la = eager.prefill(new, plan, st, max_tokens=4, keep_segment=keep)
+        b, lb = pooled.prefill(new, plan, st, max_tokens=4, keep_segment=keep)
+        assert (a.stats.reused_tokens, a.stats.recomputed_tokens, a.stats.computed_tokens) == \
+            (b.stats.reused_tokens, b.stats.recomputed_tokens, b.stats.computed_tokens)
+        assert a.stats.flops_fraction == pytest.approx(b.stats.flops_fraction)
+        assert torch.allclose(la, lb, atol=2e-3), (prefix, (la - lb).abs().max())
+        if mode == "dhd":  # the same tokens left stale, the same deviations and layer-c input
+            assert torch.equal(a.stale, b.stale)
+            assert torch.allclose(a.deviation, b.deviation, rtol=1e-3, atol=1e-3)
+            assert torch.allclose(a.hidden_c, b.hidden_c, atol=2e-3)
+        if keep:
+            sa, sb = eager.segment_of(a, "x"), pooled.segment_of(b, "y")
+            assert torch.allclose(sa.keys, sb.keys, atol=2e-3) and torch.allclose(sa.values, sb.values, atol=2e-3)
+        tok = int(la.argmax())
+        for _ in range(3):
+            da, db = eager.decode_step(a, tok), pooled.decode_step(b, tok)
+            assert torch.allclose(da, db, atol=2e-3)
+            tok = int(da.argmax())
+        if mode == "dhd":
+            assert a.decode_recomputed == b.decode_recomputed == 6
+    assert len(pooled._check_graphs.graphs) == 2  # one per shape bucket: the two runs differ in k_pre
