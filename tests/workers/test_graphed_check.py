@@ -1,10 +1,14 @@
-"""Bucket arithmetic of the graphed check (the graph itself runs in tests/workers/test_gpu_paths.py)
-and the weighted attention-received it uses, on the CPU."""
+"""The graphed check on the CPU: bucket arithmetic, the weighted attention-received it uses, and
+its body run eagerly through the engine (the captured graph runs in tests/workers/test_gpu_paths.py)."""
+import pytest
 import torch
 
-from workers.graphed_check import MAX_ROWS, ROW_BUCKET, must_bucket, row_bucket
+from index_service.plan import ReusePlan, ReuseSpan
+from workers.engine import ReuseEngine, ReuseSettings
+from workers.graphed_check import MAX_ROWS, ROW_BUCKET, CheckGraphs, must_bucket, row_bucket
 from workers.model_loader import random_runner
 from workers.model_spec import ModelSpec
+from workers.segments import InMemorySegmentStore
 
 
 def test_buckets():
@@ -31,3 +35,64 @@ def test_weighted_attention_received_drops_padding_rows():
         assert torch.allclose(got, want, atol=1e-6)
     assert torch.allclose(r.attention_received(q, k, pos, 40, row_weight=torch.ones(6)),
                           r.attention_received(q, k, pos, 40), atol=1e-6)
+
+
+class _EagerCheck(CheckGraphs):
+    """The graph's body run eagerly on the CPU (no capture): replay() recomputes it into the
+    buffers the first run returned, as a replayed graph would."""
+
+    def _capture(self, mode, c, tb, mb, keys, keep_k_pre, k_pre_out):
+        inp = torch.zeros(3 * tb + 2 * mb + 1, dtype=torch.long)
+        inp[tb:2 * tb] = self.pool.capacity - 1
+        out = self._body(mode, c, tb, mb, keys, inp, k_pre_out)
+        body = self._body
+
+        class Replay:
+            def replay(self):
+                for buf, new in zip(out, body(mode, c, tb, mb, keys, inp, k_pre_out)):
+                    buf.copy_(new)
+        return Replay(), inp, out
+
+
+@pytest.mark.parametrize("mode", ["dhd", "cacheblend"])
+def test_check_graph_body_matches_the_eager_engine(mode):
+    """What the graphed check computes (padded rows, weighted scoring rows, top-k by rank with k
+    as data), run eagerly through the engine's pooled path, chooses the eager engine's tokens and
+    gives its logits, deviations, stored segment and DHD decode steps."""
+    spec = ModelSpec(vocab_size=500, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
+                     head_dim=16, intermediate_size=128, max_position=2048)
+    r = random_runner(spec, "cpu", torch.float32, seed=3, std=0.1)
+    store = InMemorySegmentStore()
+    ids = torch.randint(0, spec.vocab_size, (300,), generator=torch.Generator().manual_seed(1)).tolist()
+    eager, pooled = ReuseEngine(r, store), ReuseEngine(r, store)
+    pooled._pool = r.new_cache(640)
+    pooled._check_graphs = _EagerCheck(r, pooled._pool)
+    seq, _ = eager.prefill(ids, None, ReuseSettings(mode="full"), keep_segment=True)
+    store.put(eager.segment_of(seq, "d"))
+    new = list(ids)
+    for i in list(range(60, 80)) + list(range(200, 204)):
+        new[i] = (new[i] + 1) % spec.vocab_size
+    spans = [ReuseSpan(0, "d", 0, 60), ReuseSpan(80, "d", 80, 120), ReuseSpan(204, "d", 204, 96)]
+    st = ReuseSettings(mode=mode, recompute_ratio=0.2, decode_recompute=2)
+    for prefix, keep in ((60, True), (0, False)):
+        plan = ReusePlan(300, spans, prefix_len=prefix)
+        a, la = eager.prefill(new, plan, st, max_tokens=4, keep_segment=keep)
+        b, lb = pooled.prefill(new, plan, st, max_tokens=4, keep_segment=keep)
+        assert b.cache is pooled._pool
+        assert (a.stats.reused_tokens, a.stats.recomputed_tokens, a.stats.computed_tokens) == \
+            (b.stats.reused_tokens, b.stats.recomputed_tokens, b.stats.computed_tokens)
+        assert b.stats.recomputed_tokens == round(0.2 * (a.stats.reused_tokens - prefix))
+        assert torch.allclose(la, lb, atol=1e-4), (prefix, (la - lb).abs().max())
+        if mode == "dhd":
+            assert torch.equal(a.stale, b.stale)
+            assert torch.allclose(a.deviation, b.deviation, atol=1e-4)
+            assert torch.allclose(a.hidden_c, b.hidden_c, atol=1e-5)
+        if keep:
+            sa, sb = eager.segment_of(a, "x"), pooled.segment_of(b, "y")
+            assert torch.allclose(sa.keys, sb.keys, atol=1e-5) and torch.allclose(sa.values, sb.values, atol=1e-5)
+        tok = int(la.argmax())
+        for _ in range(3):
+            da, db = eager.decode_step(a, tok), pooled.decode_step(b, tok)
+            assert torch.allclose(da, db, atol=1e-4)
+            tok = int(da.argmax())
+    assert len(pooled._check_graphs.graphs) == 2  # one per bucket: the two runs differ in k_pre
