@@ -79,6 +79,62 @@ class PhaseTimer:
         setattr(obj, name, timed_call)
 
 
+# buckets of graphed passes without those where more rows took less time (224 vs 256 rows,
+# benchmarks/results/diag/reuse_1k_h200_2026-12-04.md)
+FEWER_BUCKETS = (16, 32, 64, 80, 96, 112, 128, 144, 160, 176, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
+# (label, runner attributes, module settings as "module.NAME", lower part graphed)
+AB_VARIANTS = (
+    ("default", {}, {}, True),
+    ("layers 0..c and scoring eager", {}, {}, False),
+    ("q/k/v kernel in graphs", {"qkv_kernel": True}, {}, True),
+    ("subset kernel, 3 pipeline stages", {}, {"subset_attention.NUM_STAGES": 3}, True),
+    ("subset kernel, one key slice <= 1k keys", {}, {"subset_attention.ONE_SPLIT_KEYS": 1024}, True),
+    ("subset kernel, 4 merge rows per program", {}, {"subset_attention.MERGE_ROWS": 4}, True),
+    ("token buckets of FEWER_BUCKETS", {}, {"cuda_graph.M_BUCKETS": FEWER_BUCKETS}, True),
+    ("all five above", {"qkv_kernel": True}, {"subset_attention.NUM_STAGES": 3,
+     "subset_attention.ONE_SPLIT_KEYS": 1024, "subset_attention.MERGE_ROWS": 4,
+     "cuda_graph.M_BUCKETS": FEWER_BUCKETS}, True),
+    ("no split-key kernel: FlexAttention from 8k keys", {"subset_kernel": False}, {}, True),
+    ("dense mask (SDPA) only", {"subset_kernel": False, "use_flex": False}, {}, True),
+)
+
+
+def ab(eng, run) -> None:
+    """The prefill timed with each variant of AB_VARIANTS, in this process, graphs captured anew."""
+    import importlib
+    r = eng.runner
+    check_type = type(eng._check_graphs) if eng._check_graphs is not None else None
+    saved_r = {k: getattr(r, k) for k in ("subset_kernel", "use_flex", "qkv_kernel")}
+    names = {k for _, _, m_attrs, _ in AB_VARIANTS for k in m_attrs}
+    modules = {k: importlib.import_module("workers." + k.split(".")[0]) for k in names}
+    saved_m = {k: getattr(modules[k], k.split(".")[1]) for k in names}
+
+    def apply(r_attrs: dict, m_attrs: dict) -> None:
+        for k, v in {**saved_r, **r_attrs}.items():
+            setattr(r, k, v)
+        for k, v in {**saved_m, **m_attrs}.items():
+            setattr(modules[k], k.split(".")[1], v)
+
+    def fresh(graphed: bool) -> None:
+        # fresh graphs in fresh memory pools (re-capturing into a pool whose graphs were dropped
+        # trips an allocator assert)
+        eng._check_graphs = check_type(r, eng._pool) if graphed and check_type else None
+        if eng._layer_graphs is not None:
+            eng._layer_graphs = type(eng._layer_graphs)(r, eng._pool)
+        if eng._graph is not None:
+            eng._graph = type(eng._graph)(r, eng._pool)
+    for label, r_attrs, m_attrs, graphed in AB_VARIANTS:
+        apply(r_attrs, m_attrs)
+        fresh(graphed)
+        for _ in range(3):
+            run()
+        print(f"  {label:48s} prefill {timed(run, 10) * 1e3:.2f} ms")
+    apply({}, {})
+    fresh(True)
+    for _ in range(3):
+        run()
+
+
 def wrap_phases(eng, wrap) -> None:
     import workers.engine as engine_mod
     r = eng.runner
@@ -102,7 +158,7 @@ def phases(eng, run, reps: int = 10) -> None:
     t.totals.clear()
     for _ in range(reps):
         run()
-    print(f"phases (ms per prefill, synced, exclusive):")
+    print("phases (ms per prefill, synced, exclusive):")
     for label, s in sorted(t.totals.items(), key=lambda kv: -kv[1]):
         print(f"  {label:34s} {s / reps * 1e3:8.3f}")
     print(f"  {'sum':34s} {sum(t.totals.values()) / reps * 1e3:8.3f}")
@@ -178,8 +234,8 @@ def main() -> None:
     ap.add_argument("--gaps", action="store_true", help="also charge device idle time to phases")
     ap.add_argument("--cprofile", type=int, default=0, help="also print this many rows of a "
                     "Python profile (cProfile, by own time) over 10 prefills")
-    ap.add_argument("--ab", action="store_true", help="also time the prefill with each attention "
-                    "path of masked passes (split-key kernel, FlexAttention, dense mask)")
+    ap.add_argument("--ab", action="store_true", help="also time the prefill with each variant of "
+                    "AB_VARIANTS (attention paths, kernel settings, graphed or eager lower part)")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--rows", type=int, default=20, help="kernel table rows")
     a = ap.parse_args()
@@ -208,29 +264,7 @@ def main() -> None:
         line += f", host work before the graph launch {statistics.median(l - s for l, s in zip(launch, starts)) * 1e3:.2f} ms"
     print(line)
     if a.ab:
-        r = eng.runner
-        saved = (r.subset_kernel, r.use_flex)
-        check_graphs = eng._check_graphs
-        variants = {"split-key kernel (default)": (*saved, True),
-                    "layers 0..c and scoring eager": (*saved, False),
-                    "no split-key kernel: FlexAttention from 8k keys": (False, saved[1], True),
-                    "dense mask (SDPA) only": (False, False, True)}
-        for label, (sk, fl, graphed) in variants.items():
-            r.subset_kernel, r.use_flex = sk, fl
-            eng._check_graphs = type(check_graphs)(r, eng._pool) if graphed and check_graphs else None
-            # fresh graphs in a fresh memory pool (re-capturing into a pool whose graphs were
-            # dropped trips an allocator assert)
-            if eng._layer_graphs is not None:
-                eng._layer_graphs = type(eng._layer_graphs)(r, eng._pool)
-            for _ in range(3):
-                run()
-            print(f"  {label:40s} prefill {timed(run, 10) * 1e3:.2f} ms")
-        r.subset_kernel, r.use_flex = saved
-        eng._check_graphs = type(check_graphs)(r, eng._pool) if check_graphs else None
-        if eng._layer_graphs is not None:
-            eng._layer_graphs = type(eng._layer_graphs)(r, eng._pool)
-        for _ in range(3):
-            run()
+        ab(eng, run)
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(3):

@@ -15,6 +15,8 @@ from workers.rope import apply_rope
 try:
     import triton
     import triton.language as tl
+
+    from workers.qkv_write import rope_halves
 except ImportError:  # CPU-only installs: the torch path below
     triton = None
 
@@ -60,15 +62,10 @@ if triton is not None:
         ks = src_k + layer * sk0 + head * sk1 + si[:, None] * sk2 + d
         x1 = tl.load(ks, mask=rows, other=0.0)
         x2 = tl.load(ks + HALF, mask=rows, other=0.0)
-        cs = t.to(tl.int64)[:, None] * (2 * HALF) + d
-        c1 = tl.load(cos + cs, mask=rows, other=0.0).to(tl.float32)
-        c2 = tl.load(cos + cs + HALF, mask=rows, other=0.0).to(tl.float32)
-        s1 = tl.load(sin + cs, mask=rows, other=0.0).to(tl.float32)
-        s2 = tl.load(sin + cs + HALF, mask=rows, other=0.0).to(tl.float32)
-        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+        r1, r2 = rope_halves(x1, x2, cos, sin, t, rows, HALF)
         kd = dst_k + layer * dk0 + head * dk1 + di[:, None] * dk2 + d
-        tl.store(kd, (f1 * c1 - f2 * s1).to(x1.dtype), mask=rows)
-        tl.store(kd + HALF, (f2 * c2 + f1 * s2).to(x1.dtype), mask=rows)
+        tl.store(kd, r1.to(x1.dtype), mask=rows)
+        tl.store(kd + HALF, r2.to(x1.dtype), mask=rows)
         if HAS_KPRE:
             kp = kpre + layer * kp0 + head * kp1 + di[:, None] * kp2 + d
             tl.store(kp, x1, mask=rows)

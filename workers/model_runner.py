@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 import xxhash
 
-from workers import decode_attention, fused, subset_attention
+from workers import decode_attention, fused, qkv_write, subset_attention
 from workers.kv_cache import KVCache
 from workers.model_spec import ModelSpec
 from workers.rope import Rope, apply_rope
@@ -94,6 +94,10 @@ class LlamaRunner:
                               and os.environ.get("KVCLUSTER_SUBSET_KERNEL", "1") == "1")
         # one-token steps through the split-key Triton kernel (workers/decode_attention.py)
         self.decode_kernel = self.device.type == "cuda" and decode_attention.triton is not None
+        # inside graphs, RoPE + K/V write + pre-RoPE keys in one Triton kernel (workers/qkv_write.py);
+        # off until measured on a GPU: KVCLUSTER_QKV_KERNEL=1 turns it on
+        self.qkv_kernel = (self.device.type == "cuda" and qkv_write.triton is not None
+                           and os.environ.get("KVCLUSTER_QKV_KERNEL", "0") == "1")
         self._set_slots()
         self.fingerprint = self._fingerprint()
 
@@ -281,7 +285,13 @@ class LlamaRunner:
         """The first part of ``layer``: K/V of the tokens at ``p`` into the cache; returns their
         rotated queries. DHD's check layer stops here for the tokens it does not recompute."""
         lw, s = self.layers[layer], self.spec
-        if self._fusing and self.reduce is None and k_pre_out is None and lw.w_qkv.shape[0] > s.q_size:
+        owns_kv = lw.w_qkv.shape[0] > s.q_size
+        if self.qkv_kernel and self._fusing and self.reduce is None and owns_kv and qkv_write.available(h, s.head_dim):
+            slot = self.kv_slot[layer]
+            x = F.linear(self._norm(h, lw.attn_norm), lw.w_qkv, lw.b_qkv)
+            return qkv_write.write_qkv(x, p.cos, p.sin, p.pos, cache.k[slot], cache.v[slot], s.num_heads,
+                                       s.num_kv_heads, None if k_pre_out is None else k_pre_out[slot])
+        if self._fusing and self.reduce is None and k_pre_out is None and owns_kv:
             q, k, v = fused.compiled("pre")(h, lw.attn_norm, lw.w_qkv, lw.b_qkv, p.cos, p.sin, s.rms_norm_eps,
                                             s.num_heads, s.num_kv_heads, s.head_dim)
         else:

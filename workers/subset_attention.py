@@ -28,6 +28,10 @@ BLOCK_M = 64   # folded query rows per program
 BLOCK_N = 64   # keys per tile
 NUM_WARPS, NUM_STAGES = 4, 2
 MERGE_ROWS = 16  # rows per merge program
+# one key slice (no merge) from this many row blocks on, up to ONE_SPLIT_KEYS keys; 0: off. In the
+# kernel alone on an H200 one slice took 21-24 us against 25-26 with two at 1k keys and 192-256
+# tokens (benchmarks/results/diag/reuse_1k_h200_2026-12-04.md); not yet measured in the engine
+ONE_SPLIT_PROGRAMS, ONE_SPLIT_KEYS = 96, 0
 MIN_KEYS_PER_SPLIT = 512
 TARGET_PROGRAMS = 4 * 132  # a few waves on an H100/H200
 
@@ -43,6 +47,8 @@ def strides_fit(k: torch.Tensor, v: torch.Tensor) -> bool:
 
 def split_plan(row_blocks: int, n_keys: int) -> tuple[int, int]:
     """(keys per program, programs per row block)."""
+    if ONE_SPLIT_KEYS and row_blocks >= ONE_SPLIT_PROGRAMS and n_keys <= ONE_SPLIT_KEYS:
+        return -(-n_keys // BLOCK_N) * BLOCK_N, 1
     want = max(1, -(-TARGET_PROGRAMS // row_blocks))
     splits = max(1, min(want, n_keys // MIN_KEYS_PER_SPLIT))
     per = -(-n_keys // splits)

@@ -315,3 +315,51 @@ def test_graphed_check_matches_eager(mode):
         if mode == "dhd":
             assert a.decode_recomputed == b.decode_recomputed == 6
     assert len(pooled._check_graphs.graphs) == 2  # one per shape bucket: the two runs differ in k_pre
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qkv_kernel_matches_torch_ops(dtype):
+    """RoPE + K/V write + pre-RoPE keys in one kernel (workers/qkv_write.py) give the torch ops'
+    q, cache rows and segment keys, and touch no other slot or layer."""
+    from workers import qkv_write
+    from workers.rope import apply_rope
+    H, Hkv, d, m, cap = 32, 8, 128, 70, 300
+    x = torch.randn(m, (H + 2 * Hkv) * d, device="cuda").to(dtype)
+    pos = torch.sort(torch.randperm(cap - 1, device="cuda")[:m]).values
+    r = _runner(False)
+    cos, sin = r.rope.compute(pos, dtype)
+    ck = torch.zeros(3, Hkv, cap, d, dtype=dtype, device="cuda")
+    cv, kp = torch.zeros_like(ck), torch.zeros_like(ck)
+    q = qkv_write.write_qkv(x, cos, sin, pos, ck[1], cv[1], H, Hkv, kp[1])
+    qk = x[:, :(H + Hkv) * d].view(m, H + Hkv, d).transpose(0, 1)
+    rot = apply_rope(qk.float(), cos.float(), sin.float()).to(dtype).float()
+    assert q.shape == (H, m, d) and q.is_contiguous()
+    assert torch.allclose(q.float(), rot[:H], rtol=2 ** -7, atol=1e-3)
+    assert torch.allclose(ck[1][:, pos].float(), rot[H:], rtol=2 ** -7, atol=1e-3)
+    assert torch.equal(cv[1][:, pos], x[:, (H + Hkv) * d:].view(m, Hkv, d).transpose(0, 1))
+    assert torch.equal(kp[1][:, pos], qk[H:])
+    others = torch.ones(cap, dtype=torch.bool, device="cuda")
+    others[pos] = False
+    assert ck[[0, 2]].abs().sum() == 0 and ck[1][:, others].abs().sum() == 0 and cv[1][:, others].abs().sum() == 0
+
+
+def test_graphs_with_the_qkv_kernel_match_eager():
+    """With the q/k/v kernel inside the graphs (graphed check, upper pass with pre-RoPE keys kept,
+    one-token decode steps), the pooled engine gives the eager engine's results."""
+    r = _runner(False, subset=True)
+    r.qkv_kernel = True
+    eager, pooled, new = _eager_and_pooled(r, range(100, 130))
+    plan = ReusePlan(500, [ReuseSpan(0, "d", 0, 100), ReuseSpan(130, "d", 130, 370)], prefix_len=100)
+    st = ReuseSettings(mode="dhd", recompute_ratio=0.2, decode_recompute=0)
+    a, la = eager.prefill(new, plan, st, max_tokens=4, keep_segment=True)
+    b, lb = pooled.prefill(new, plan, st, max_tokens=4, keep_segment=True)
+    assert a.stats.recomputed_tokens == b.stats.recomputed_tokens
+    assert torch.allclose(la, lb, atol=2e-3)
+    sa, sb = eager.segment_of(a, "x"), pooled.segment_of(b, "y")
+    assert torch.allclose(sa.keys, sb.keys, atol=2e-3) and torch.allclose(sa.values, sb.values, atol=2e-3)
+    tok = int(la.argmax())
+    for _ in range(3):
+        da, db = eager.decode_step(a, tok), pooled.decode_step(b, tok)
+        assert torch.allclose(da, db, atol=2e-3)
+        tok = int(da.argmax())
+    assert pooled._check_graphs.graphs and pooled._layer_graphs.graphs and pooled._graph.graphs
