@@ -9,6 +9,8 @@ from workers.model_loader import random_runner
 from workers.model_spec import ModelSpec
 from workers.segments import InMemorySegmentStore
 
+from tests.workers.pooled_checks import assert_same_segment_and_decode
+
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -114,7 +116,6 @@ def test_place_kv_kernel_matches_torch_ops():
 
 
 def test_padded_causal_tail_matches_dense_mask():
-    from workers.model_runner import Positions
     r = _runner(False)
     n, m = 900, 600
     q = torch.randn(SPEC.num_heads, m, SPEC.head_dim, device="cuda")
@@ -304,14 +305,7 @@ def test_graphed_check_matches_eager(mode):
             assert torch.equal(a.stale, b.stale)
             assert torch.allclose(a.deviation, b.deviation, rtol=1e-3, atol=1e-3)
             assert torch.allclose(a.hidden_c, b.hidden_c, atol=2e-3)
-        if keep:
-            sa, sb = eager.segment_of(a, "x"), pooled.segment_of(b, "y")
-            assert torch.allclose(sa.keys, sb.keys, atol=2e-3) and torch.allclose(sa.values, sb.values, atol=2e-3)
-        tok = int(la.argmax())
-        for _ in range(3):
-            da, db = eager.decode_step(a, tok), pooled.decode_step(b, tok)
-            assert torch.allclose(da, db, atol=2e-3)
-            tok = int(da.argmax())
+        assert_same_segment_and_decode(eager, pooled, a, b, la, keep, atol=2e-3)
         if mode == "dhd":
             assert a.decode_recomputed == b.decode_recomputed == 6
     assert len(pooled._check_graphs.graphs) == 2  # one per shape bucket: the two runs differ in k_pre
@@ -355,11 +349,5 @@ def test_graphs_with_the_qkv_kernel_match_eager():
     b, lb = pooled.prefill(new, plan, st, max_tokens=4, keep_segment=True)
     assert a.stats.recomputed_tokens == b.stats.recomputed_tokens
     assert torch.allclose(la, lb, atol=2e-3)
-    sa, sb = eager.segment_of(a, "x"), pooled.segment_of(b, "y")
-    assert torch.allclose(sa.keys, sb.keys, atol=2e-3) and torch.allclose(sa.values, sb.values, atol=2e-3)
-    tok = int(la.argmax())
-    for _ in range(3):
-        da, db = eager.decode_step(a, tok), pooled.decode_step(b, tok)
-        assert torch.allclose(da, db, atol=2e-3)
-        tok = int(da.argmax())
+    assert_same_segment_and_decode(eager, pooled, a, b, la, True, atol=2e-3)
     assert pooled._check_graphs.graphs and pooled._layer_graphs.graphs and pooled._graph.graphs

@@ -10,6 +10,8 @@ from workers.model_loader import random_runner
 from workers.model_spec import ModelSpec
 from workers.segments import InMemorySegmentStore
 
+from tests.workers.pooled_checks import assert_same_segment_and_decode
+
 
 def test_buckets():
     assert row_bucket(1) == ROW_BUCKET and row_bucket(ROW_BUCKET) == ROW_BUCKET
@@ -87,12 +89,5 @@ def test_check_graph_body_matches_the_eager_engine(mode):
             assert torch.equal(a.stale, b.stale)
             assert torch.allclose(a.deviation, b.deviation, atol=1e-4)
             assert torch.allclose(a.hidden_c, b.hidden_c, atol=1e-5)
-        if keep:
-            sa, sb = eager.segment_of(a, "x"), pooled.segment_of(b, "y")
-            assert torch.allclose(sa.keys, sb.keys, atol=1e-5) and torch.allclose(sa.values, sb.values, atol=1e-5)
-        tok = int(la.argmax())
-        for _ in range(3):
-            da, db = eager.decode_step(a, tok), pooled.decode_step(b, tok)
-            assert torch.allclose(da, db, atol=1e-4)
-            tok = int(da.argmax())
+        assert_same_segment_and_decode(eager, pooled, a, b, la, keep, atol=1e-5)
     assert len(pooled._check_graphs.graphs) == 2  # one per bucket: the two runs differ in k_pre
