@@ -21,11 +21,14 @@ def recompute_budget(candidates: int, ratio: float, min_tokens: int = 0) -> int:
 
 
 def top_ratio(scores: torch.Tensor, ratio: float, min_tokens: int = 0) -> torch.Tensor:
-    """Indices (into ``scores``) of the ``recompute_budget`` highest scores."""
+    """Indices (into ``scores``) of the ``recompute_budget`` highest scores; among equal scores
+    the earliest first (a stable sort, not topk, whose ties are arbitrary), so the graphed check
+    (workers/graphed_check.py) chooses the same tokens. Ties happen: with the check layer reading
+    layer 0's KV (KVSharer), every V deviation is 0."""
     k = recompute_budget(scores.numel(), ratio, min_tokens)
     if k <= 0:
         return torch.empty(0, dtype=torch.long, device=scores.device)
-    return torch.topk(scores, k).indices
+    return torch.argsort(scores, descending=True, stable=True)[:k]
 
 
 def select_dhd_tokens(attention: torch.Tensor, deviation: torch.Tensor, ratio: float,

@@ -107,10 +107,12 @@ class CheckGraphs:
         with attending_over(pool, keys):
             p = Positions.build(r, pos, "mask", keys, bound=pool.capacity)
             p.block_mask = None
+            # the donor's V, read before any layer writes: under KVSharer layer c's slot may be an
+            # earlier layer's, rewritten below
+            v_old = pool.v[slot][:, pos].clone()
             h = r.embed(ids)
             for layer in range(c):
                 h = r.layer(layer, h, p, pool, k_pre_out=k_pre_out)
-            v_old = pool.v[slot][:, pos].clone()
             q = r.write_kv(c, h, p, pool, k_pre_out=k_pre_out)
             cand = kinds == CANDIDATE
             dev = torch.where(cand, v_deviation(pool.v[slot][:, pos], v_old), 0.0)

@@ -56,14 +56,17 @@ class _EagerCheck(CheckGraphs):
         return Replay(), inp, out
 
 
-@pytest.mark.parametrize("mode", ["dhd", "cacheblend"])
-def test_check_graph_body_matches_the_eager_engine(mode):
+@pytest.mark.parametrize("mode,shared", [("dhd", False), ("cacheblend", False), ("dhd", True)])
+def test_check_graph_body_matches_the_eager_engine(mode, shared):
     """What the graphed check computes (padded rows, weighted scoring rows, top-k by rank with k
     as data), run eagerly through the engine's pooled path, chooses the eager engine's tokens and
-    gives its logits, deviations, stored segment and DHD decode steps."""
+    gives its logits, deviations, stored segment and DHD decode steps; also when the check layer
+    attends over an earlier layer's KV (KVSharer)."""
     spec = ModelSpec(vocab_size=500, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
                      head_dim=16, intermediate_size=128, max_position=2048)
     r = random_runner(spec, "cpu", torch.float32, seed=3, std=0.1)
+    if shared:
+        r.share_kv([0, 0, 2, 3])  # layer 1, the check layer, uses layer 0's KV
     store = InMemorySegmentStore()
     ids = torch.randint(0, spec.vocab_size, (300,), generator=torch.Generator().manual_seed(1)).tolist()
     eager, pooled = ReuseEngine(r, store), ReuseEngine(r, store)
