@@ -379,12 +379,11 @@ class ReuseEngine:
         from workers.graphed_check import CANDIDATE, MUST
         kinds = np.where(must_np[prefix:], MUST, CANDIDATE)
         k = recompute_budget(int((kinds == CANDIDATE).sum()), st.recompute_ratio, st.min_recompute)
-        mode = "dhd" if st.mode == "dhd" else "cacheblend"
-        out = self._check_graphs(mode, c, ids[prefix:], prefix, len(ids), kinds, k,
+        out = self._check_graphs(st.mode, c, ids[prefix:], prefix, len(ids), kinds, k,
                                  self._k_pre_pool if seq.k_pre is not None else None)
         if st.decode_recompute > 0 and st.mode == "dhd":  # the graph's buffers are reused: copies
             self._keep_for_decode(seq, out.hidden.clone(), prefix, out.deviation.clone(), out.stale.clone())
-        hs = self._layers(seq, out.hidden[out.rows], out.positions, c, len(ids))
+        hs = self._layers(seq, out.hidden[out.rows], out.rows + prefix, c, len(ids))
         self._checked_stats(seq, reused, must_np, k, prefix, c)
         return self.runner.logits(hs[-1:])[0]
 

@@ -37,8 +37,8 @@ PAD, MUST, CANDIDATE = 0, 1, 2  # row kinds
 @dataclass
 class CheckOutput:
     hidden: torch.Tensor  # [T, hidden]: layer c's input for the tokens after the prefix
-    rows: torch.Tensor  # [must + k] rows (into hidden) to run through layers c..L-1, ascending
-    positions: torch.Tensor  # their positions
+    rows: torch.Tensor  # [must + k] rows (into hidden) to run through layers c..L-1, ascending;
+    # row i is position prefix + i
     deviation: torch.Tensor  # [T] float: V deviation of candidates, 0 elsewhere
     stale: torch.Tensor  # [T] bool: candidates not chosen
 
@@ -70,9 +70,10 @@ class CheckGraphs:
         tb = row_bucket(rows)
         must = np.nonzero(kinds == MUST)[0]
         mb = must_bucket(len(must)) if mode == "dhd" else 0
-        key = (mode, check_layer, tb, mb, key_bucket(n, self.pool.capacity), k_pre_out is not None)
+        keys = key_bucket(n, self.pool.capacity)
+        key = (mode, check_layer, tb, mb, keys, k_pre_out is not None)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(*key, k_pre_out)
+            self.graphs[key] = self._capture(mode, check_layer, tb, mb, keys, k_pre_out)
         graph, inp, out = self.graphs[key]
         host = np.zeros(inp.numel(), dtype=np.int64)  # one copy to the device: ids, positions, kinds, ...
         host[:rows] = ids
@@ -86,9 +87,9 @@ class CheckGraphs:
         graph.replay()
         h, order, dev, stale = out
         chosen = order[:len(must) + k]
-        return CheckOutput(h[:rows], chosen, inp[tb:2 * tb][chosen], dev[:rows], stale[:rows])
+        return CheckOutput(h[:rows], chosen, dev[:rows], stale[:rows])
 
-    def _capture(self, mode, c, tb, mb, keys, keep_k_pre, k_pre_out):
+    def _capture(self, mode: str, c: int, tb: int, mb: int, keys: int, k_pre_out: torch.Tensor | None):
         r = self.runner
         inp = torch.zeros(3 * tb + 2 * mb + 1, dtype=torch.long, device=r.device)
         inp[tb:2 * tb] = self.pool.capacity - 1  # the warm-up and capture writes land in the reserved slot

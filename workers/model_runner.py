@@ -96,7 +96,7 @@ class LlamaRunner:
         self.decode_kernel = self.device.type == "cuda" and decode_attention.triton is not None
         # inside graphs, RoPE + K/V write + pre-RoPE keys in one Triton kernel (workers/qkv_write.py);
         # off until measured on a GPU: KVCLUSTER_QKV_KERNEL=1 turns it on
-        self.qkv_kernel = (self.device.type == "cuda" and qkv_write.triton is not None
+        self.qkv_kernel = (self.device.type == "cuda" and qkv_write.supports(spec.head_dim)
                            and os.environ.get("KVCLUSTER_QKV_KERNEL", "0") == "1")
         self._set_slots()
         self.fingerprint = self._fingerprint()
@@ -286,7 +286,7 @@ class LlamaRunner:
         rotated queries. DHD's check layer stops here for the tokens it does not recompute."""
         lw, s = self.layers[layer], self.spec
         owns_kv = lw.w_qkv.shape[0] > s.q_size
-        if self.qkv_kernel and self._fusing and self.reduce is None and owns_kv and qkv_write.available(h, s.head_dim):
+        if self.qkv_kernel and self._fusing and self.reduce is None and owns_kv:
             slot = self.kv_slot[layer]
             x = F.linear(self._norm(h, lw.attn_norm), lw.w_qkv, lw.b_qkv)
             return qkv_write.write_qkv(x, p.cos, p.sin, p.pos, cache.k[slot], cache.v[slot], s.num_heads,

@@ -43,7 +43,7 @@ class _EagerCheck(CheckGraphs):
     """The graph's body run eagerly on the CPU (no capture): replay() recomputes it into the
     buffers the first run returned, as a replayed graph would."""
 
-    def _capture(self, mode, c, tb, mb, keys, keep_k_pre, k_pre_out):
+    def _capture(self, mode, c, tb, mb, keys, k_pre_out):
         inp = torch.zeros(3 * tb + 2 * mb + 1, dtype=torch.long)
         inp[tb:2 * tb] = self.pool.capacity - 1
         out = self._body(mode, c, tb, mb, keys, inp, k_pre_out)
