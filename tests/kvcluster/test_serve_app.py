@@ -302,6 +302,18 @@ def test_killed_worker_loses_no_request(served, ray_client):
                     finish = d["choices"][0]["finish_reason"] or finish
         return "".join(text), usage, finish
 
+    async def w0_busy(deadline_s: float = 90.0) -> None:
+        # polled, not a fixed sleep: on a loaded 2-core machine a pinned request can take seconds
+        # to reach the worker, and a kill before that loses nothing to retry
+        end = time.time() + deadline_s
+        while time.time() < end:
+            stats = await asyncio.to_thread(ray_client.cluster_stats)
+            if stats["router"]["scheduler"]["workers"]["w0"]["running"] >= 1:
+                await asyncio.sleep(0.3)  # into its decode
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError("no request reached w0 within the deadline")
+
     async def main():
         async with httpx.AsyncClient(base_url=served["base"], timeout=300,
                                      headers={"Authorization": "Bearer sk-test-alpha"}) as c:
@@ -309,7 +321,7 @@ def test_killed_worker_loses_no_request(served, ray_client):
                                          tenant=f"kill{i}", pin="w0") for i in range(3)]
             streams = [streamed(c, i) for i in range(2)]
             tasks = [asyncio.ensure_future(x) for x in pinned + streams]
-            await asyncio.sleep(2.5)  # w0 is in the middle of the first pinned request
+            await w0_busy()  # w0 is in the middle of a pinned request
             await asyncio.to_thread(ray_client.kill_worker, "w0", True)
             return await asyncio.gather(*tasks)
 
