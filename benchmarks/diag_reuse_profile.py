@@ -94,13 +94,23 @@ AB_VARIANTS = (
     ("all five above", {"qkv_kernel": True}, {"subset_attention.NUM_STAGES": 3,
      "subset_attention.ONE_SPLIT_KEYS": 1024, "subset_attention.MERGE_ROWS": 4,
      "cuda_graph.M_BUCKETS": FEWER_BUCKETS}, True),
+    ("subset kernel, 32-row blocks, one key slice <= 1k keys", {}, {"subset_attention.BLOCK_M": 32,
+     "subset_attention.ONE_SPLIT_KEYS": 1024, "subset_attention.ONE_SPLIT_PROGRAMS": 0}, True),
+    ("subset kernel, 16-row blocks, one key slice <= 1k keys", {}, {"subset_attention.BLOCK_M": 16,
+     "subset_attention.ONE_SPLIT_KEYS": 1024, "subset_attention.ONE_SPLIT_PROGRAMS": 0}, True),
+    ("subset kernel, 32-row blocks", {}, {"subset_attention.BLOCK_M": 32}, True),
+    ("last residual add in the down projection (addmm)", {}, {"fused.ADDMM_RESIDUAL": True}, True),
+    ("q/k/v kernel + 32-row blocks, one slice + addmm", {"qkv_kernel": True}, {"subset_attention.BLOCK_M": 32,
+     "subset_attention.ONE_SPLIT_KEYS": 1024, "subset_attention.ONE_SPLIT_PROGRAMS": 0,
+     "fused.ADDMM_RESIDUAL": True}, True),
     ("no split-key kernel: FlexAttention from 8k keys", {"subset_kernel": False}, {}, True),
     ("dense mask (SDPA) only", {"subset_kernel": False, "use_flex": False}, {}, True),
 )
 
 
-def ab(eng, run) -> None:
-    """The prefill timed with each variant of AB_VARIANTS, in this process, graphs captured anew."""
+def ab(eng, run, only: str = "") -> None:
+    """The prefill timed with each variant of AB_VARIANTS (those numbered in ``only``, e.g.
+    "0,2,9", if given), in this process, graphs captured anew."""
     import importlib
     r = eng.runner
     check_type = type(eng._check_graphs) if eng._check_graphs is not None else None
@@ -123,12 +133,15 @@ def ab(eng, run) -> None:
             eng._layer_graphs = type(eng._layer_graphs)(r, eng._pool)
         if eng._graph is not None:
             eng._graph = type(eng._graph)(r, eng._pool)
-    for label, r_attrs, m_attrs, graphed in AB_VARIANTS:
+    chosen = {int(i) for i in only.split(",")} if only else set(range(len(AB_VARIANTS)))
+    for i, (label, r_attrs, m_attrs, graphed) in enumerate(AB_VARIANTS):
+        if i not in chosen:
+            continue
         apply(r_attrs, m_attrs)
         fresh(graphed)
         for _ in range(3):
             run()
-        print(f"  {label:48s} prefill {timed(run, 10) * 1e3:.2f} ms")
+        print(f"  {i:2d} {label:52s} prefill {timed(run, 10) * 1e3:.2f} ms")
     apply({}, {})
     fresh(True)
     for _ in range(3):
@@ -236,6 +249,7 @@ def main() -> None:
                     "Python profile (cProfile, by own time) over 10 prefills")
     ap.add_argument("--ab", action="store_true", help="also time the prefill with each variant of "
                     "AB_VARIANTS (attention paths, kernel settings, graphed or eager lower part)")
+    ap.add_argument("--ab-only", default="", help="with --ab: the numbers of the variants to time, e.g. 0,2,9")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--rows", type=int, default=20, help="kernel table rows")
     a = ap.parse_args()
@@ -264,7 +278,7 @@ def main() -> None:
         line += f", host work before the graph launch {statistics.median(l - s for l, s in zip(launch, starts)) * 1e3:.2f} ms"
     print(line)
     if a.ab:
-        ab(eng, run)
+        ab(eng, run, a.ab_only)
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(3):

@@ -150,13 +150,22 @@ def decode_ms(engine: ReuseEngine, ids: list[int], plan: ReusePlan, steps: int =
     return (time.perf_counter() - t) / steps * 1e3
 
 
-def write_result(path: str, cfg: dict, peak: float, bw: float, rows: list) -> dict:
+def engine_settings(runner) -> dict:
+    """The kernel paths and tilings this run used (several are switched by KVCLUSTER_* variables)."""
+    from workers import cuda_graph, fused, subset_attention
+    return {"subset_kernel": runner.subset_kernel, "qkv_kernel": runner.qkv_kernel,
+            "decode_kernel": runner.decode_kernel, "fused": fused.ENABLED,
+            "addmm_residual": fused.ADDMM_RESIDUAL,
+            "subset_tiling": subset_attention.settings(), "m_buckets": list(cuda_graph.M_BUCKETS)}
+
+
+def write_result(path: str, cfg: dict, peak: float, bw: float, rows: list, settings: dict | None = None) -> dict:
     result = {
         "benchmark": "reuse_gpu", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "device": torch.cuda.get_device_name(), "host": platform.node(), "torch": torch.__version__,
         "model": {**cfg, "dtype": "bfloat16", "weights": "random"}, "bf16_matmul_peak_tflops": peak / 1e12,
-        "hbm_copy_bandwidth_tbps": bw / 1e12,
+        "hbm_copy_bandwidth_tbps": bw / 1e12, "engine_settings": settings or {},
         "rows": rows,
     }
     out = Path(path)
@@ -236,10 +245,10 @@ def main() -> None:
             engine.pool_reuse = False
             del holder
         rows.append(row)
-        write_result(args.out, cfg, peak, bw, rows)  # after each length: a cut-off run keeps its rows
+        write_result(args.out, cfg, peak, bw, rows, engine_settings(runner))  # after each length: a cut-off run keeps its rows
         store.evict(f"donor{n}")
         torch.cuda.empty_cache()
-    result = write_result(args.out, cfg, peak, bw, rows)
+    result = write_result(args.out, cfg, peak, bw, rows, engine_settings(runner))
     print(f"\n{result['device']}  bf16 peak {peak / 1e12:.0f} TFLOP/s (measured)")
     print(f"HBM copy bandwidth {bw / 1e12:.2f} TB/s (measured)")
     print(f"{'tokens':>6} {'mode':<18} {'ms':>8} {'speedup':>8} {'limit':>7} {'of_lim':>7} {'roof_ms':>8} {'of_roof':>7}")

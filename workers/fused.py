@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from workers.rope import apply_rope
 
 ENABLED = os.environ.get("KVCLUSTER_FUSE", "1") == "1"
+# the layer's last residual add inside the down projection (cuBLAS's beta = 1 epilogue) instead of
+# a kernel of its own after it; not yet measured on a GPU (benchmarks/diag_reuse_profile.py --ab)
+ADDMM_RESIDUAL = os.environ.get("KVCLUSTER_ADDMM_RESIDUAL", "0") == "1"
 
 
 def _pre_attn(h: torch.Tensor, norm_w: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor | None,
@@ -31,6 +34,8 @@ def _post_attn(h: torch.Tensor, attn: torch.Tensor, w_o: torch.Tensor, norm_w: t
                w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float) -> torch.Tensor:
     h = h + F.linear(attn, w_o)
     gate, up = F.linear(F.rms_norm(h, (h.shape[-1],), norm_w, eps), w_gate_up).chunk(2, dim=-1)
+    if ADDMM_RESIDUAL:
+        return torch.addmm(h, F.silu(gate) * up, w_down.t())
     return h + F.linear(F.silu(gate) * up, w_down)
 
 

@@ -14,6 +14,8 @@ Rows whose position is past the keys (a graph's padding rows) see every key.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:
@@ -24,14 +26,21 @@ try:
 except ImportError:  # CPU-only installs: callers use SDPA with a dense mask
     triton = None
 
-BLOCK_M = 64   # folded query rows per program
+BLOCK_M = int(os.environ.get("KVCLUSTER_SUBSET_BLOCK_M", "64"))   # folded query rows per program
 BLOCK_N = 64   # keys per tile
 NUM_WARPS, NUM_STAGES = 4, 2
 MERGE_ROWS = 16  # rows per merge program
 # one key slice (no merge) from this many row blocks on, up to ONE_SPLIT_KEYS keys; 0: off. In the
 # kernel alone on an H200 one slice took 21-24 us against 25-26 with two at 1k keys and 192-256
 # tokens (benchmarks/results/diag/reuse_1k_h200_2026-12-04.md); not yet measured in the engine
-ONE_SPLIT_PROGRAMS, ONE_SPLIT_KEYS = 96, 0
+ONE_SPLIT_PROGRAMS = int(os.environ.get("KVCLUSTER_SUBSET_ONE_SPLIT_PROGRAMS", "96"))
+ONE_SPLIT_KEYS = int(os.environ.get("KVCLUSTER_SUBSET_ONE_SPLIT_KEYS", "0"))
+
+
+def settings() -> dict:
+    """The tiling in force (benchmarks record it beside their results)."""
+    return {"block_m": BLOCK_M, "block_n": BLOCK_N, "num_stages": NUM_STAGES, "merge_rows": MERGE_ROWS,
+            "one_split_programs": ONE_SPLIT_PROGRAMS, "one_split_keys": ONE_SPLIT_KEYS}
 MIN_KEYS_PER_SPLIT = 512
 TARGET_PROGRAMS = 4 * 132  # a few waves on an H100/H200
 

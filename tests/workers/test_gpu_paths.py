@@ -169,9 +169,13 @@ def test_padded_rows_linear_matches():
     assert torch.allclose(_linear_rows64(x, w), torch.nn.functional.linear(x, w), atol=1e-4)
 
 
-def test_fused_layers_match_unfused():
+@pytest.mark.parametrize("addmm", [False, True])
+def test_fused_layers_match_unfused(addmm, monkeypatch):
     """The compiled pointwise fusion gives the eager layer's results (full, subset and one-token
-    passes) and the same greedy tokens through the graphed engine."""
+    passes) and the same greedy tokens through the graphed engine; also with the last residual
+    add inside the down projection."""
+    from workers import fused
+    monkeypatch.setattr(fused, "ADDMM_RESIDUAL", addmm)
     r = _runner(True)
     assert r.fuse
     ids = torch.randint(0, SPEC.vocab_size, (300,)).tolist()
@@ -262,13 +266,18 @@ def test_graph_step_split_key_kernel_matches_matmul_attention():
     assert torch.allclose(outs[True][1], outs[False][1], atol=1e-3)
 
 
+@pytest.mark.parametrize("tiling", [(64, 0), (32, 1024), (16, 1024)])  # (rows per block, one-slice keys)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kv_heads,g,m,n", [(8, 4, 278, 4096), (2, 4, 37, 700), (1, 1, 5, 130), (2, 2, 300, 2048)])
-def test_subset_kernel_matches_dense_softmax(dtype, kv_heads, g, m, n):
+def test_subset_kernel_matches_dense_softmax(dtype, kv_heads, g, m, n, tiling, monkeypatch):
     """The split-key kernel for a pass of m tokens at sorted positions over n cached keys (strided
     slices of a larger slot, as the layers see them) matches a dense masked softmax; the last
-    row sits past the keys (a graph's padding row) and sees all of them."""
+    row sits past the keys (a graph's padding row) and sees all of them. Also with smaller row
+    blocks and one key slice (no merge) up to 1k keys."""
     from workers import subset_attention as sa
+    monkeypatch.setattr(sa, "BLOCK_M", tiling[0])
+    monkeypatch.setattr(sa, "ONE_SPLIT_KEYS", tiling[1])
+    monkeypatch.setattr(sa, "ONE_SPLIT_PROGRAMS", 0 if tiling[1] else sa.ONE_SPLIT_PROGRAMS)
     torch.manual_seed(0)
     d, cap = 64, n + 100
     pos = torch.sort(torch.randperm(n)[:m]).values.cuda()
