@@ -17,6 +17,7 @@ what a CUDA graph of that phase could save. The README's kernel breakdowns come 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -28,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.reuse_gpu_bench import changed_plan, timed  # noqa: E402
+from benchmarks.variants import AB_VARIANTS  # noqa: E402
 from index_service.plan import ReusePlan, ReuseSpan  # noqa: E402
 from workers.engine import ReuseEngine, ReuseSettings  # noqa: E402
 from workers.model_loader import LLAMA3_8B, random_runner  # noqa: E402
@@ -79,38 +81,9 @@ class PhaseTimer:
         setattr(obj, name, timed_call)
 
 
-# buckets of graphed passes without those where more rows took less time (224 vs 256 rows,
-# benchmarks/results/diag/reuse_1k_h200_2026-12-04.md)
-FEWER_BUCKETS = (16, 32, 64, 80, 96, 112, 128, 144, 160, 176, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
-# (label, runner attributes, module settings as "module.NAME", lower part graphed)
-AB_VARIANTS = (
-    ("default", {}, {}, True),
-    ("layers 0..c and scoring eager", {}, {}, False),
-    ("q/k/v kernel in graphs", {"qkv_kernel": True}, {}, True),
-    ("subset kernel, 3 pipeline stages", {}, {"subset_attention.NUM_STAGES": 3}, True),
-    ("subset kernel, one key slice <= 1k keys", {}, {"subset_attention.ONE_SPLIT_KEYS": 1024}, True),
-    ("subset kernel, 4 merge rows per program", {}, {"subset_attention.MERGE_ROWS": 4}, True),
-    ("token buckets of FEWER_BUCKETS", {}, {"cuda_graph.M_BUCKETS": FEWER_BUCKETS}, True),
-    ("all five above", {"qkv_kernel": True}, {"subset_attention.NUM_STAGES": 3,
-     "subset_attention.ONE_SPLIT_KEYS": 1024, "subset_attention.MERGE_ROWS": 4,
-     "cuda_graph.M_BUCKETS": FEWER_BUCKETS}, True),
-    ("subset kernel, 32-row blocks, one key slice <= 1k keys", {}, {"subset_attention.BLOCK_M": 32,
-     "subset_attention.ONE_SPLIT_KEYS": 1024, "subset_attention.ONE_SPLIT_PROGRAMS": 0}, True),
-    ("subset kernel, 16-row blocks, one key slice <= 1k keys", {}, {"subset_attention.BLOCK_M": 16,
-     "subset_attention.ONE_SPLIT_KEYS": 1024, "subset_attention.ONE_SPLIT_PROGRAMS": 0}, True),
-    ("subset kernel, 32-row blocks", {}, {"subset_attention.BLOCK_M": 32}, True),
-    ("last residual add in the down projection (addmm)", {}, {"fused.ADDMM_RESIDUAL": True}, True),
-    ("q/k/v kernel + 32-row blocks, one slice + addmm", {"qkv_kernel": True}, {"subset_attention.BLOCK_M": 32,
-     "subset_attention.ONE_SPLIT_KEYS": 1024, "subset_attention.ONE_SPLIT_PROGRAMS": 0,
-     "fused.ADDMM_RESIDUAL": True}, True),
-    ("no split-key kernel: FlexAttention from 8k keys", {"subset_kernel": False}, {}, True),
-    ("dense mask (SDPA) only", {"subset_kernel": False, "use_flex": False}, {}, True),
-)
-
-
-def ab(eng, run, only: str = "") -> None:
+def ab(eng, run, only: str = "") -> dict[int, dict]:
     """The prefill timed with each variant of AB_VARIANTS (those numbered in ``only``, e.g.
-    "0,2,9", if given), in this process, graphs captured anew."""
+    "0,2,9", if given), in this process, graphs captured anew; returns {number: label, ms}."""
     import importlib
     r = eng.runner
     check_type = type(eng._check_graphs) if eng._check_graphs is not None else None
@@ -134,6 +107,7 @@ def ab(eng, run, only: str = "") -> None:
         if eng._graph is not None:
             eng._graph = type(eng._graph)(r, eng._pool)
     chosen = {int(i) for i in only.split(",")} if only else set(range(len(AB_VARIANTS)))
+    times: dict[int, dict] = {}
     for i, (label, r_attrs, m_attrs, graphed) in enumerate(AB_VARIANTS):
         if i not in chosen:
             continue
@@ -141,11 +115,14 @@ def ab(eng, run, only: str = "") -> None:
         fresh(graphed)
         for _ in range(3):
             run()
-        print(f"  {i:2d} {label:52s} prefill {timed(run, 10) * 1e3:.2f} ms")
+        ms = timed(run, 10) * 1e3
+        times[i] = {"label": label, "ms": ms}
+        print(f"  {i:2d} {label:52s} prefill {ms:.2f} ms")
     apply({}, {})
     fresh(True)
     for _ in range(3):
         run()
+    return times
 
 
 def wrap_phases(eng, wrap) -> None:
@@ -250,6 +227,7 @@ def main() -> None:
     ap.add_argument("--ab", action="store_true", help="also time the prefill with each variant of "
                     "AB_VARIANTS (attention paths, kernel settings, graphed or eager lower part)")
     ap.add_argument("--ab-only", default="", help="with --ab: the numbers of the variants to time, e.g. 0,2,9")
+    ap.add_argument("--ab-json", default="", help="with --ab: also write {number: label, ms} here")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--rows", type=int, default=20, help="kernel table rows")
     a = ap.parse_args()
@@ -278,7 +256,11 @@ def main() -> None:
         line += f", host work before the graph launch {statistics.median(l - s for l, s in zip(launch, starts)) * 1e3:.2f} ms"
     print(line)
     if a.ab:
-        ab(eng, run, a.ab_only)
+        times = ab(eng, run, a.ab_only)
+        if a.ab_json:
+            Path(a.ab_json).write_text(json.dumps({"mode": a.mode, "tokens": a.tokens, "reuse": a.reuse,
+                                                   "ratio": a.ratio, "device": torch.cuda.get_device_name(),
+                                                   "variants": times}, indent=1))
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(3):

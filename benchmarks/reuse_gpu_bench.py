@@ -29,6 +29,7 @@ from workers.engine import ReuseEngine, ReuseSettings  # noqa: E402
 from workers.model_loader import LLAMA3_8B, random_runner  # noqa: E402
 from workers.model_spec import ModelSpec  # noqa: E402
 from workers.segments import InMemorySegmentStore  # noqa: E402
+from benchmarks.variants import apply_variant  # noqa: E402
 
 
 def matmul_peak(dtype=torch.bfloat16, n: int = 8192, reps: int = 10) -> float:
@@ -150,10 +151,11 @@ def decode_ms(engine: ReuseEngine, ids: list[int], plan: ReusePlan, steps: int =
     return (time.perf_counter() - t) / steps * 1e3
 
 
-def engine_settings(runner) -> dict:
-    """The kernel paths and tilings this run used (several are switched by KVCLUSTER_* variables)."""
+def engine_settings(runner, variant: str = "default") -> dict:
+    """The kernel paths and tilings this run used (several are switched by KVCLUSTER_* variables
+    or --variant)."""
     from workers import cuda_graph, fused, subset_attention
-    return {"subset_kernel": runner.subset_kernel, "qkv_kernel": runner.qkv_kernel,
+    return {"variant": variant, "subset_kernel": runner.subset_kernel, "qkv_kernel": runner.qkv_kernel,
             "decode_kernel": runner.decode_kernel, "fused": fused.ENABLED,
             "addmm_residual": fused.ADDMM_RESIDUAL,
             "subset_tiling": subset_attention.settings(), "m_buckets": list(cuda_graph.M_BUCKETS)}
@@ -180,6 +182,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--layers", type=int, default=None, help="override layer count (smoke runs)")
     ap.add_argument("--out", default="benchmarks/results/reuse_gpu.json")
+    ap.add_argument("--variant", type=int, default=0, help="run with kernel option N of "
+                    "benchmarks/variants.py:AB_VARIANTS (0: the defaults)")
     args = ap.parse_args()
     cfg = dict(LLAMA3_8B)
     if args.layers:
@@ -188,6 +192,7 @@ def main() -> None:
     peak = matmul_peak()
     bw = hbm_bandwidth()
     runner = random_runner(spec, "cuda", torch.bfloat16)
+    variant = apply_variant(runner, args.variant)
     store = InMemorySegmentStore(max_bytes=64 << 30)
     lengths = [int(x) for x in args.lengths.split(",")]
     # one static KV pool + a CUDA graph for one-token passes; the eager engine is the comparison
@@ -245,10 +250,10 @@ def main() -> None:
             engine.pool_reuse = False
             del holder
         rows.append(row)
-        write_result(args.out, cfg, peak, bw, rows, engine_settings(runner))  # after each length: a cut-off run keeps its rows
+        write_result(args.out, cfg, peak, bw, rows, engine_settings(runner, variant))  # after each length: a cut-off run keeps its rows
         store.evict(f"donor{n}")
         torch.cuda.empty_cache()
-    result = write_result(args.out, cfg, peak, bw, rows, engine_settings(runner))
+    result = write_result(args.out, cfg, peak, bw, rows, engine_settings(runner, variant))
     print(f"\n{result['device']}  bf16 peak {peak / 1e12:.0f} TFLOP/s (measured)")
     print(f"HBM copy bandwidth {bw / 1e12:.2f} TB/s (measured)")
     print(f"{'tokens':>6} {'mode':<18} {'ms':>8} {'speedup':>8} {'limit':>7} {'of_lim':>7} {'roof_ms':>8} {'of_roof':>7}")

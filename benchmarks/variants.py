@@ -1,0 +1,49 @@
+"""The engine's kernel options that diag_reuse_profile.py --ab times against each other in one
+process, and that reuse_gpu_bench.py --variant N runs the whole benchmark with.
+
+Each variant: (label, runner attributes, module settings as "module.NAME", lower part graphed).
+"""
+from __future__ import annotations
+
+import importlib
+
+# buckets of graphed passes without those where more rows took less time (224 vs 256 rows,
+# benchmarks/results/diag/reuse_1k_h200_2026-12-04.md)
+FEWER_BUCKETS = (16, 32, 64, 80, 96, 112, 128, 144, 160, 176, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
+AB_VARIANTS = (
+    ("default", {}, {}, True),
+    ("layers 0..c and scoring eager", {}, {}, False),
+    ("q/k/v kernel in graphs", {"qkv_kernel": True}, {}, True),
+    ("subset kernel, 3 pipeline stages", {}, {"subset_attention.NUM_STAGES": 3}, True),
+    ("subset kernel, one key slice <= 1k keys", {}, {"subset_attention.ONE_SPLIT_KEYS": 1024}, True),
+    ("subset kernel, 4 merge rows per program", {}, {"subset_attention.MERGE_ROWS": 4}, True),
+    ("token buckets of FEWER_BUCKETS", {}, {"cuda_graph.M_BUCKETS": FEWER_BUCKETS}, True),
+    ("all five above", {"qkv_kernel": True}, {"subset_attention.NUM_STAGES": 3,
+     "subset_attention.ONE_SPLIT_KEYS": 1024, "subset_attention.MERGE_ROWS": 4,
+     "cuda_graph.M_BUCKETS": FEWER_BUCKETS}, True),
+    ("subset kernel, 32-row blocks, one key slice <= 1k keys", {}, {"subset_attention.BLOCK_M": 32,
+     "subset_attention.ONE_SPLIT_KEYS": 1024, "subset_attention.ONE_SPLIT_PROGRAMS": 0}, True),
+    ("subset kernel, 16-row blocks, one key slice <= 1k keys", {}, {"subset_attention.BLOCK_M": 16,
+     "subset_attention.ONE_SPLIT_KEYS": 1024, "subset_attention.ONE_SPLIT_PROGRAMS": 0}, True),
+    ("subset kernel, 32-row blocks", {}, {"subset_attention.BLOCK_M": 32}, True),
+    ("last residual add in the down projection (addmm)", {}, {"fused.ADDMM_RESIDUAL": True}, True),
+    ("q/k/v kernel + 32-row blocks, one slice + addmm", {"qkv_kernel": True}, {"subset_attention.BLOCK_M": 32,
+     "subset_attention.ONE_SPLIT_KEYS": 1024, "subset_attention.ONE_SPLIT_PROGRAMS": 0,
+     "fused.ADDMM_RESIDUAL": True}, True),
+    ("no split-key kernel: FlexAttention from 8k keys", {"subset_kernel": False}, {}, True),
+    ("dense mask (SDPA) only", {"subset_kernel": False, "use_flex": False}, {}, True),
+)
+
+
+def apply_variant(runner, index: int) -> str:
+    """Set variant ``index`` on ``runner`` and the worker modules (before any graph is captured);
+    returns its label."""
+    label, r_attrs, m_attrs, graphed = AB_VARIANTS[index]
+    if not graphed:
+        raise ValueError(f"variant {index} ({label}) changes the engine, not the kernels")
+    for k, val in r_attrs.items():
+        setattr(runner, k, val)
+    for k, val in m_attrs.items():
+        module, name = k.split(".")
+        setattr(importlib.import_module("workers." + module), name, val)
+    return label
