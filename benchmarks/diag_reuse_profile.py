@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.reuse_gpu_bench import changed_plan, timed  # noqa: E402
-from benchmarks.variants import AB_VARIANTS  # noqa: E402
+from benchmarks.variants import AB_VARIANTS, module_setting, set_settings  # noqa: E402
 from index_service.plan import ReusePlan, ReuseSpan  # noqa: E402
 from workers.engine import ReuseEngine, ReuseSettings  # noqa: E402
 from workers.model_loader import LLAMA3_8B, random_runner  # noqa: E402
@@ -84,19 +84,13 @@ class PhaseTimer:
 def ab(eng, run, only: str = "") -> dict[int, dict]:
     """The prefill timed with each variant of AB_VARIANTS (those numbered in ``only``, e.g.
     "0,2,9", if given), in this process, graphs captured anew; returns {number: label, ms}."""
-    import importlib
     r = eng.runner
     check_type = type(eng._check_graphs) if eng._check_graphs is not None else None
-    saved_r = {k: getattr(r, k) for k in ("subset_kernel", "use_flex", "qkv_kernel")}
-    names = {k for _, _, m_attrs, _ in AB_VARIANTS for k in m_attrs}
-    modules = {k: importlib.import_module("workers." + k.split(".")[0]) for k in names}
-    saved_m = {k: getattr(modules[k], k.split(".")[1]) for k in names}
+    saved_r = {k: getattr(r, k) for _, r_attrs, _, _ in AB_VARIANTS for k in r_attrs}
+    saved_m = {k: getattr(*module_setting(k)) for _, _, m_attrs, _ in AB_VARIANTS for k in m_attrs}
 
-    def apply(r_attrs: dict, m_attrs: dict) -> None:
-        for k, v in {**saved_r, **r_attrs}.items():
-            setattr(r, k, v)
-        for k, v in {**saved_m, **m_attrs}.items():
-            setattr(modules[k], k.split(".")[1], v)
+    def apply(r_attrs: dict, m_attrs: dict) -> None:  # on top of the saved settings
+        set_settings(r, {**saved_r, **r_attrs}, {**saved_m, **m_attrs})
 
     def fresh(graphed: bool) -> None:
         # fresh graphs in fresh memory pools (re-capturing into a pool whose graphs were dropped

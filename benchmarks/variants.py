@@ -41,9 +41,18 @@ def apply_variant(runner, index: int) -> str:
     label, r_attrs, m_attrs, graphed = AB_VARIANTS[index]
     if not graphed:
         raise ValueError(f"variant {index} ({label}) changes the engine, not the kernels")
+    set_settings(runner, r_attrs, m_attrs)
+    return label
+
+
+def module_setting(key: str) -> tuple[object, str]:
+    """"module.NAME" -> (the workers module, NAME)."""
+    module, name = key.split(".")
+    return importlib.import_module("workers." + module), name
+
+
+def set_settings(runner, r_attrs: dict, m_attrs: dict) -> None:
     for k, val in r_attrs.items():
         setattr(runner, k, val)
     for k, val in m_attrs.items():
-        module, name = k.split(".")
-        setattr(importlib.import_module("workers." + module), name, val)
-    return label
+        setattr(*module_setting(k), val)

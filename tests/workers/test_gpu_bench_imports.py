@@ -25,11 +25,9 @@ def test_gpu_benchmark_imports_without_service_packages(module):
 def test_every_variant_applies_to_a_runner_and_names_real_settings():
     """Each kernel option of the A/B sets attributes that exist (a typo would silently time the
     defaults), and --variant N applies it before any graph is captured."""
-    import importlib
-
     import torch
 
-    from benchmarks.variants import AB_VARIANTS, apply_variant
+    from benchmarks.variants import AB_VARIANTS, apply_variant, module_setting
     from workers.model_loader import random_runner
     from workers.model_spec import ModelSpec
     spec = ModelSpec(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -40,8 +38,7 @@ def test_every_variant_applies_to_a_runner_and_names_real_settings():
             assert hasattr(runner, k), (label, k)
         saved = {}
         for k in m_attrs:
-            module, name = k.split(".")
-            mod = importlib.import_module("workers." + module)
+            mod, name = module_setting(k)
             assert hasattr(mod, name), (label, k)
             saved[(mod, name)] = getattr(mod, name)
         try:
