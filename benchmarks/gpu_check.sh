@@ -6,7 +6,7 @@
 # calls, so `ab` and `bench` may run in separate calls) and are copied to $OUT when it is set.
 #
 #   bash benchmarks/gpu_check.sh            # tests ab bench: at most 580 s of steps (run it with timeout_s 600)
-#   bash benchmarks/gpu_check.sh tests ab   # some of them: tests, ab, bench, bench1k
+#   bash benchmarks/gpu_check.sh tests ab   # some of them: tests, ab, ab90, bench, bench1k
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=gpu_check_out
@@ -20,20 +20,26 @@ for step in $steps; do
     tests)
       timeout 160 python3 -m pytest -q -p no:cacheprovider tests/workers/test_gpu_paths.py >"$out/tests.txt" 2>&1
       tail -4 "$out/tests.txt" ;;
-    ab)  # benchmarks/variants.py:AB_VARIANTS by number: default, q/k/v kernel, fewer token buckets,
+    ab)  # benchmarks/variants.py:AB_VARIANTS by number: default, no q/k/v kernel, fewer token buckets,
          # attention tilings, addmm residual, combinations
       timeout 120 python3 benchmarks/diag_reuse_profile.py --mode dhd --tokens 1024 --reuse 0.98 --ratio 0.05 \
-        --rows 45 --ab --ab-only 0,2,6,8,9,11,12 --ab-json "$out/ab_dhd.json" --cprofile 40 >"$out/ab_dhd.txt" 2>&1
+        --rows 45 --ab --ab-only 0,15,6,8,9,11,12 --ab-json "$out/ab_dhd.json" --cprofile 40 >"$out/ab_dhd.txt" 2>&1
       timeout 90 python3 benchmarks/diag_reuse_profile.py --mode cacheblend --tokens 1024 --reuse 0.9 \
-        --rows 0 --ab --ab-only 0,2,6,8,9,11,12 --ab-json "$out/ab_cacheblend.json" >"$out/ab_cacheblend.txt" 2>&1
+        --rows 0 --ab --ab-only 0,15,6,8,9,11,12 --ab-json "$out/ab_cacheblend.json" >"$out/ab_cacheblend.txt" 2>&1
       grep -hE "prefill|GPU kernel" "$out/ab_dhd.txt" "$out/ab_cacheblend.txt" ;;
+    ab90)  # the 1k cells nearest their target (90% reused): the options against the default
+      timeout 110 python3 benchmarks/diag_reuse_profile.py --mode dhd --tokens 1024 --reuse 0.9 --ratio 0.15 \
+        --rows 0 --ab --ab-only 0,15,6,8,9,10,11,12 --ab-json "$out/ab90_dhd.json" >"$out/ab90_dhd.txt" 2>&1
+      timeout 110 python3 benchmarks/diag_reuse_profile.py --mode cacheblend --tokens 1024 --reuse 0.9 \
+        --rows 0 --ab --ab-only 0,15,6,8,9,10,11,12 --ab-json "$out/ab90_cacheblend.json" >"$out/ab90_cacheblend.txt" 2>&1
+      grep -hE "prefill" "$out/ab90_dhd.txt" "$out/ab90_cacheblend.txt" ;;
     bench)
       v=$(variant); echo "bench with variant $v"
       timeout 210 python3 benchmarks/reuse_gpu_bench.py --variant "$v" --out "$out/reuse_gpu.json" 2>&1 | tail -42 ;;
     bench1k)
       v=$(variant); echo "bench (1k) with variant $v"
       timeout 90 python3 benchmarks/reuse_gpu_bench.py --lengths 1024 --variant "$v" --out "$out/reuse_gpu_1k.json" 2>&1 | tail -14 ;;
-    *) echo "unknown step $step (tests, ab, bench, bench1k)" >&2; exit 2 ;;
+    *) echo "unknown step $step (tests, ab, ab90, bench, bench1k)" >&2; exit 2 ;;
   esac
 done
 [ -n "${OUT:-}" ] && cp "$out"/*.json "$out"/*.txt "$OUT"/ 2>/dev/null

@@ -27,7 +27,7 @@ for ax, pick in zip(axes, picks):
     else:
         for name in shown:
             ys = [next(m[pick] for m in r["modes"] if m["mode"] == name) for r in data["rows"]]
-            ax.plot(tokens, ys, marker="o", label=name)
+            ax.plot(tokens, ys, marker="o", label=name, color=f"C{modes.index(name)}")  # same colour in every panel
         ax.set_xscale("log", base=2)
         ax.set_xlabel("prompt tokens")
     ax.set_ylabel(labels[pick])

@@ -32,6 +32,8 @@ AB_VARIANTS = (
      "fused.ADDMM_RESIDUAL": True}, True),
     ("no split-key kernel: FlexAttention from 8k keys", {"subset_kernel": False}, {}, True),
     ("dense mask (SDPA) only", {"subset_kernel": False, "use_flex": False}, {}, True),
+    # the q/k/v kernel is the default since 2026-12-07 (variant 2 then equals 0): this is the path before
+    ("no q/k/v kernel: inductor's RoPE and index_put scatters", {"qkv_kernel": False}, {}, True),
 )
 
 

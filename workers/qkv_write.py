@@ -38,6 +38,14 @@ def write_qkv(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.
     the rotated queries [heads, m, d]."""
     m = x.shape[0]
     d = cache_k.shape[-1]
+    # the kernel trusts these shapes: a wrong one reads or writes out of bounds instead of raising
+    if x.shape[1] != (heads + 2 * kv_heads) * d or cos.shape != (m, d) or sin.shape != (m, d) \
+            or pos.shape != (m,) or cache_v.shape != cache_k.shape or cache_k.shape[0] != kv_heads:
+        raise ValueError(f"write_qkv: x {tuple(x.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}, "
+                         f"pos {tuple(pos.shape)}, cache_k {tuple(cache_k.shape)}, cache_v {tuple(cache_v.shape)} "
+                         f"do not fit {heads} query and {kv_heads} KV heads")
+    if k_pre_out is not None and (k_pre_out.shape[0], k_pre_out.shape[-1]) != (kv_heads, d):
+        raise ValueError(f"write_qkv: k_pre_out {tuple(k_pre_out.shape)} does not fit {kv_heads} KV heads of {d}")
     x = x.contiguous()
     q = torch.empty(heads, m, d, dtype=x.dtype, device=x.device)
     kp = k_pre_out if k_pre_out is not None else cache_k  # unused unless HAS_KPRE

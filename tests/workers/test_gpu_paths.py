@@ -324,13 +324,15 @@ def test_graphed_check_matches_eager(mode):
 def test_qkv_kernel_matches_torch_ops(dtype):
     """RoPE + K/V write + pre-RoPE keys in one kernel (workers/qkv_write.py) give the torch ops'
     q, cache rows and segment keys, and touch no other slot or layer."""
+    from dataclasses import replace
+
     from workers import qkv_write
-    from workers.rope import apply_rope
-    H, Hkv, d, m, cap = 32, 8, 128, 70, 300
+    from workers.rope import Rope, apply_rope
+    H, Hkv, d, m, cap = 32, 8, 128, 70, 300  # an 8B model's heads
     x = torch.randn(m, (H + 2 * Hkv) * d, device="cuda").to(dtype)
     pos = torch.sort(torch.randperm(cap - 1, device="cuda")[:m]).values
-    r = _runner(False)
-    cos, sin = r.rope.compute(pos, dtype)
+    rope = Rope(replace(SPEC, num_heads=H, num_kv_heads=Hkv, head_dim=d), torch.device("cuda"))
+    cos, sin = rope.compute(pos, dtype)
     ck = torch.zeros(3, Hkv, cap, d, dtype=dtype, device="cuda")
     cv, kp = torch.zeros_like(ck), torch.zeros_like(ck)
     q = qkv_write.write_qkv(x, cos, sin, pos, ck[1], cv[1], H, Hkv, kp[1])
