@@ -17,7 +17,8 @@ from workers.rope import apply_rope
 
 ENABLED = os.environ.get("KVCLUSTER_FUSE", "1") == "1"
 # the layer's last residual add inside the down projection (cuBLAS's beta = 1 epilogue) instead of
-# a kernel of its own after it; not yet measured on a GPU (benchmarks/diag_reuse_profile.py --ab)
+# a kernel of its own after it; on an H100 at 1k within the 1% spread of the plain add
+# (benchmarks/results/diag/ab*_1k_h100_2026-12-07_*): off
 ADDMM_RESIDUAL = os.environ.get("KVCLUSTER_ADDMM_RESIDUAL", "0") == "1"
 
 

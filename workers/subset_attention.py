@@ -32,7 +32,8 @@ NUM_WARPS, NUM_STAGES = 4, 2
 MERGE_ROWS = 16  # rows per merge program
 # one key slice (no merge) from this many row blocks on, up to ONE_SPLIT_KEYS keys; 0: off. In the
 # kernel alone on an H200 one slice took 21-24 us against 25-26 with two at 1k keys and 192-256
-# tokens (benchmarks/results/diag/reuse_1k_h200_2026-12-04.md); not yet measured in the engine
+# tokens (benchmarks/results/diag/reuse_1k_h200_2026-12-04.md); in the engine on an H100 at 1k no
+# faster than two slices + merge, with 32- or 16-row blocks (diag/ab*_1k_h100_2026-12-07_*): off
 ONE_SPLIT_PROGRAMS = int(os.environ.get("KVCLUSTER_SUBSET_ONE_SPLIT_PROGRAMS", "96"))
 ONE_SPLIT_KEYS = int(os.environ.get("KVCLUSTER_SUBSET_ONE_SPLIT_KEYS", "0"))
 
