@@ -157,7 +157,8 @@ def engine_settings(runner, variant: str = "default") -> dict:
     from workers import cuda_graph, fused, subset_attention
     return {"variant": variant, "subset_kernel": runner.subset_kernel, "qkv_kernel": runner.qkv_kernel,
             "decode_kernel": runner.decode_kernel, "fused": fused.ENABLED,
-            "addmm_residual": fused.ADDMM_RESIDUAL,
+            "addmm_residual": fused.ADDMM_RESIDUAL, "silu_kernel": fused.SILU_KERNEL,
+            "compiled_qkv_norm": fused.COMPILED_QKV_NORM,
             "subset_tiling": subset_attention.settings(), "m_buckets": list(cuda_graph.M_BUCKETS)}
 
 

@@ -34,6 +34,13 @@ AB_VARIANTS = (
     ("dense mask (SDPA) only", {"subset_kernel": False, "use_flex": False}, {}, True),
     # the q/k/v kernel is the default since 2026-12-07 (variant 2 then equals 0): this is the path before
     ("no q/k/v kernel: inductor's RoPE and index_put scatters", {"qkv_kernel": False}, {}, True),
+    ("attention norm compiled with the q/k/v projection", {}, {"fused.COMPILED_QKV_NORM": True}, True),
+    ("SiLU x up by workers/swiglu.py's kernel", {}, {"fused.SILU_KERNEL": True}, True),
+    ("attention written token-major by the subset kernel", {}, {"subset_attention.TOKEN_MAJOR_OUT": True}, True),
+    ("16 + 17 + 18", {}, {"fused.COMPILED_QKV_NORM": True, "fused.SILU_KERNEL": True,
+                          "subset_attention.TOKEN_MAJOR_OUT": True}, True),
+    ("16 + 17 + 18 + addmm", {}, {"fused.COMPILED_QKV_NORM": True, "fused.SILU_KERNEL": True,
+                                  "subset_attention.TOKEN_MAJOR_OUT": True, "fused.ADDMM_RESIDUAL": True}, True),
 )
 
 

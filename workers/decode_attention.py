@@ -55,7 +55,7 @@ def attend_one_token(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: to
                                  n, per, scale, G=g, GP=gp, D=d, BLOCK_N=BLOCK_N, IEEE=qf.dtype == torch.float32,
                                  num_warps=4)
     out = torch.empty_like(qf)
-    merge_splits[(kv_heads, g)](m, l, acc, out, gp, g, splits, D=d, BLOCK_R=1,
+    merge_splits[(kv_heads, g)](m, l, acc, out, gp, g, splits, g, g * d, 0, d, D=d, BLOCK_R=1,
                                 SP=max(2, triton.next_power_of_2(splits)), num_warps=4)
     return out
 

@@ -5,7 +5,9 @@ key), folded into the running max ``m_i``, sum ``l_i`` and output ``acc`` (onlin
 V read once). Rows that have seen no key yet keep m = -inf and contribute nothing.
 
 ``merge_splits``: the partial results of the key slices ([Hkv, splits, in_rows] of m and l,
-[..., D] of acc) merged into the output [Hkv, out_rows, D], BLOCK_R rows per program.
+[..., D] of acc) merged into the output, BLOCK_R rows per program. Row r of KV head h (query head
+r // m_tokens of the group, token r % m_tokens) goes to h * s_head + (r // m_tokens) * s_group +
+(r % m_tokens) * s_token: [Hkv, out_rows, D] or, token-major, [m, H * D] (``out_offset``).
 """
 from __future__ import annotations
 
@@ -40,8 +42,13 @@ if triton is not None:
         return m_new, l_i, acc
 
     @triton.jit
-    def merge_splits(m_ptr, l_ptr, acc_ptr, out_ptr, in_rows, out_rows, splits,
-                     D: tl.constexpr, BLOCK_R: tl.constexpr, SP: tl.constexpr):
+    def out_offset(h, r, m_tokens, s_head, s_group, s_token):
+        """Where row r of KV head h starts in the output (see merge_splits)."""
+        return h * s_head + (r // m_tokens) * s_group + (r % m_tokens) * s_token
+
+    @triton.jit
+    def merge_splits(m_ptr, l_ptr, acc_ptr, out_ptr, in_rows, out_rows, splits, m_tokens, s_head, s_group,
+                     s_token, D: tl.constexpr, BLOCK_R: tl.constexpr, SP: tl.constexpr):
         h = tl.program_id(0)
         r0 = tl.program_id(1) * BLOCK_R
         ss = tl.arange(0, SP)
@@ -57,4 +64,5 @@ if triton is not None:
                 w = tl.where(live & (m > float("-inf")), tl.exp(m - top), 0.0)
                 acc = tl.load(acc_ptr + idx[:, None] * D + cols[None, :], mask=live[:, None], other=0.0)
                 o = tl.sum(acc * w[:, None], 0) / tl.sum(w * l, 0)
-                tl.store(out_ptr + (h * out_rows + row) * D + cols, o.to(out_ptr.dtype.element_ty))
+                dst = out_ptr + out_offset(h, row, m_tokens, s_head, s_group, s_token) + cols
+                tl.store(dst, o.to(out_ptr.dtype.element_ty))

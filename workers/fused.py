@@ -13,6 +13,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from workers import swiglu
 from workers.rope import apply_rope
 
 ENABLED = os.environ.get("KVCLUSTER_FUSE", "1") == "1"
@@ -20,6 +21,11 @@ ENABLED = os.environ.get("KVCLUSTER_FUSE", "1") == "1"
 # a kernel of its own after it; on an H100 at 1k within the 1% spread of the plain add
 # (benchmarks/results/diag/ab*_1k_h100_2026-12-07_*): off
 ADDMM_RESIDUAL = os.environ.get("KVCLUSTER_ADDMM_RESIDUAL", "0") == "1"
+# SiLU x up by workers/swiglu.py's kernel between two compiled halves; not yet measured in the engine
+SILU_KERNEL = os.environ.get("KVCLUSTER_SILU_KERNEL", "0") == "1"
+# the attention input norm compiled with the q/k/v projection where the q/k/v kernel takes the rest
+# (else eager F.rms_norm: 6.4 us against inductor's 3.9 at 240 tokens on an H100); not yet measured
+COMPILED_QKV_NORM = os.environ.get("KVCLUSTER_COMPILED_QKV_NORM", "0") == "1"
 
 
 def _pre_attn(h: torch.Tensor, norm_w: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor | None,
@@ -40,6 +46,27 @@ def _post_attn(h: torch.Tensor, attn: torch.Tensor, w_o: torch.Tensor, norm_w: t
     return h + F.linear(F.silu(gate) * up, w_down)
 
 
+def _post_attn_up(h: torch.Tensor, attn: torch.Tensor, w_o: torch.Tensor, norm_w: torch.Tensor,
+                  w_gate_up: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    h = h + F.linear(attn, w_o)
+    return h, F.linear(F.rms_norm(h, (h.shape[-1],), norm_w, eps), w_gate_up)
+
+
+def post_attn(h: torch.Tensor, attn: torch.Tensor, w_o: torch.Tensor, norm_w: torch.Tensor,
+              w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float) -> torch.Tensor:
+    """The layer after attention: o projection, residual, norm, SwiGLU MLP, residual (compiled)."""
+    if not (SILU_KERNEL and swiglu.supports(h)):
+        return compiled("post")(h, attn, w_o, norm_w, w_gate_up, w_down, eps)
+    h, gate_up = compiled("post_up")(h, attn, w_o, norm_w, w_gate_up, eps)
+    act = swiglu.silu_mul(gate_up)
+    return torch.addmm(h, act, w_down.t()) if ADDMM_RESIDUAL else h + F.linear(act, w_down)
+
+
+def norm_linear(h: torch.Tensor, norm_w: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                eps: float) -> torch.Tensor:
+    return F.linear(F.rms_norm(h, (h.shape[-1],), norm_w, eps), w, b)
+
+
 def attend_one(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
                scale: float) -> torch.Tensor:
     """One query per KV group row over all keys, by batched matmuls (the one-token graph step)."""
@@ -54,6 +81,7 @@ _compiled: dict[str, object] = {}
 def compiled(name: str):
     fn = _compiled.get(name)
     if fn is None:
-        fn = _compiled[name] = torch.compile({"pre": _pre_attn, "post": _post_attn, "one": attend_one}[name],
-                                             dynamic=True, fullgraph=True)
+        fns = {"pre": _pre_attn, "post": _post_attn, "post_up": _post_attn_up, "norm_linear": norm_linear,
+               "one": attend_one}
+        fn = _compiled[name] = torch.compile(fns[name], dynamic=True, fullgraph=True)
     return fn

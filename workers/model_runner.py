@@ -236,6 +236,8 @@ class LlamaRunner:
                 o = self._attend_one(qf, k, v, p.dense_mask(self))
                 return o.reshape(s.num_heads, 1, s.head_dim).transpose(0, 1).reshape(1, -1)
             if self.subset_kernel and subset_attention.strides_fit(k, v):
+                if subset_attention.TOKEN_MAJOR_OUT:
+                    return subset_attention.attend_subset(qf, k, v, p.pos, self.scale, p.subset_ends(g), True)
                 o = subset_attention.attend_subset(qf, k, v, p.pos, self.scale, p.subset_ends(g))
                 return o.reshape(s.num_heads, m, s.head_dim).transpose(0, 1).reshape(m, -1)
             mask = p.dense_mask(self)
@@ -289,7 +291,10 @@ class LlamaRunner:
         owns_kv = lw.w_qkv.shape[0] > s.q_size
         if self.qkv_kernel and self._fusing and self.reduce is None and owns_kv:
             slot = self.kv_slot[layer]
-            x = F.linear(self._norm(h, lw.attn_norm), lw.w_qkv, lw.b_qkv)
+            if fused.COMPILED_QKV_NORM:
+                x = fused.compiled("norm_linear")(h, lw.attn_norm, lw.w_qkv, lw.b_qkv, s.rms_norm_eps)
+            else:
+                x = F.linear(self._norm(h, lw.attn_norm), lw.w_qkv, lw.b_qkv)
             return qkv_write.write_qkv(x, p.cos, p.sin, p.pos, cache.k[slot], cache.v[slot], s.num_heads,
                                        s.num_kv_heads, None if k_pre_out is None else k_pre_out[slot])
         if self._fusing and self.reduce is None and k_pre_out is None and owns_kv:
@@ -312,7 +317,7 @@ class LlamaRunner:
         lw, s, slot, n = self.layers[layer], self.spec, self.kv_slot[layer], cache.length
         attn = self.attend(q, cache.k[slot, :, :n], cache.v[slot, :, :n], p)
         if self._fusing and self.reduce is None:
-            return fused.compiled("post")(h, attn, lw.w_o, lw.mlp_norm, lw.w_gate_up, lw.w_down, s.rms_norm_eps)
+            return fused.post_attn(h, attn, lw.w_o, lw.mlp_norm, lw.w_gate_up, lw.w_down, s.rms_norm_eps)
         h = h + self.all_reduce(F.linear(attn, lw.w_o))
         return h + self.all_reduce(self.mlp(layer, h))
 

@@ -22,7 +22,7 @@ try:
     import triton
     import triton.language as tl
 
-    from workers.flash_tile import key_tile, merge_splits
+    from workers.flash_tile import key_tile, merge_splits, out_offset
 except ImportError:  # CPU-only installs: callers use SDPA with a dense mask
     triton = None
 
@@ -36,12 +36,17 @@ MERGE_ROWS = 16  # rows per merge program
 # faster than two slices + merge, with 32- or 16-row blocks (diag/ab*_1k_h100_2026-12-07_*): off
 ONE_SPLIT_PROGRAMS = int(os.environ.get("KVCLUSTER_SUBSET_ONE_SPLIT_PROGRAMS", "96"))
 ONE_SPLIT_KEYS = int(os.environ.get("KVCLUSTER_SUBSET_ONE_SPLIT_KEYS", "0"))
+# the runner asks for the output token-major ([m, H*d], what the o projection reads), written so by
+# the kernels instead of a transposing copy after them (~4 us per layer at 240 tokens on an H100);
+# not yet measured in the engine
+TOKEN_MAJOR_OUT = os.environ.get("KVCLUSTER_SUBSET_TOKEN_MAJOR", "0") == "1"
 
 
 def settings() -> dict:
     """The tiling in force (benchmarks record it beside their results)."""
     return {"block_m": BLOCK_M, "block_n": BLOCK_N, "num_stages": NUM_STAGES, "merge_rows": MERGE_ROWS,
-            "one_split_programs": ONE_SPLIT_PROGRAMS, "one_split_keys": ONE_SPLIT_KEYS}
+            "one_split_programs": ONE_SPLIT_PROGRAMS, "one_split_keys": ONE_SPLIT_KEYS,
+            "token_major_out": TOKEN_MAJOR_OUT}
 MIN_KEYS_PER_SPLIT = 512
 TARGET_PROGRAMS = 4 * 132  # a few waves on an H100/H200
 
@@ -79,18 +84,25 @@ def block_ends(pos: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def attend_subset(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
-                  scale: float, ends: torch.Tensor | None = None) -> torch.Tensor:
+                  scale: float, ends: torch.Tensor | None = None, token_major: bool = False) -> torch.Tensor:
     """qf [Hkv, g*m, d] (query heads folded by KV group: row j*m + i is head j's query of token
     i) over k/v [Hkv, n, d] (cache slices, contiguous last axis), token i seeing keys <= pos[i];
-    returns [Hkv, g*m, d]. ``ends``: ``block_ends(pos, g)``, shared by a pass's layers."""
+    returns [Hkv, g*m, d], or with ``token_major`` [m, Hkv*g*d] (query head h*g + j of token i at
+    row i, columns (h*g + j)*d...). ``ends``: ``block_ends(pos, g)``, shared by a pass's layers."""
     kv_heads, rows, d = qf.shape
     m, n = pos.shape[0], k.shape[1]
+    g = rows // m
     qf = qf.contiguous()
     row_blocks = -(-rows // BLOCK_M)
     if ends is None:
-        ends = block_ends(pos, rows // m)
+        ends = block_ends(pos, g)
     per, splits = split_plan(kv_heads * row_blocks, n)
-    out = torch.empty_like(qf)
+    if token_major:
+        out = torch.empty(m, kv_heads * rows * d // m, dtype=qf.dtype, device=qf.device)
+        strides = (g * d, d, kv_heads * g * d)  # per KV head, head in group, token
+    else:
+        out = torch.empty_like(qf)
+        strides = (rows * d, m * d, d)
     if splits == 1:  # one slice per row block: normalize in place of the merge kernel
         mx = l = acc = out
     else:
@@ -99,10 +111,10 @@ def attend_subset(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch
         acc = torch.empty(kv_heads, splits, rows, d, dtype=torch.float32, device=qf.device)
     _partial[(kv_heads, row_blocks, splits)](
         qf, k, v, pos, ends, mx, l, acc, out, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        rows, m, n, per, scale, D=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        rows, m, n, per, scale, *strides, D=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         IEEE=qf.dtype == torch.float32, DIRECT=splits == 1, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if splits > 1:
-        merge_splits[(kv_heads, -(-rows // MERGE_ROWS))](mx, l, acc, out, rows, rows, splits, D=d,
+        merge_splits[(kv_heads, -(-rows // MERGE_ROWS))](mx, l, acc, out, rows, rows, splits, m, *strides, D=d,
                                                          BLOCK_R=MERGE_ROWS, SP=max(2, triton.next_power_of_2(splits)),
                                                          num_warps=4)
     return out
@@ -111,7 +123,7 @@ def attend_subset(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch
 if triton is not None:
     @triton.jit
     def _partial(q_ptr, k_ptr, v_ptr, pos_ptr, ends_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, stride_kh, stride_kn,
-                 stride_vh, stride_vn, rows, m_tokens, n_keys, per_split, scale,
+                 stride_vh, stride_vn, rows, m_tokens, n_keys, per_split, scale, s_head, s_group, s_token,
                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
                  DIRECT: tl.constexpr):
         h = tl.program_id(0)
@@ -135,8 +147,8 @@ if triton is not None:
                                      cols, valid, valid[None, :] & (offs[None, :] <= rpos[:, None]), m_i, l_i, acc, scale, IEEE)
         if DIRECT:  # every live row has seen key 0: l_i > 0
             o = acc / tl.where(live, l_i, 1.0)[:, None]
-            tl.store(out_ptr + (h * rows + r[:, None]) * D + cols[None, :], o.to(out_ptr.dtype.element_ty),
-                     mask=live[:, None])
+            dst = out_ptr + out_offset(h, r, m_tokens, s_head, s_group, s_token)[:, None] + cols[None, :]
+            tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=live[:, None])
         else:
             base = (h * splits + s) * rows
             tl.store(m_ptr + base + r, m_i, mask=live)

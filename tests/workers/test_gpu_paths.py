@@ -169,13 +169,14 @@ def test_padded_rows_linear_matches():
     assert torch.allclose(_linear_rows64(x, w), torch.nn.functional.linear(x, w), atol=1e-4)
 
 
-@pytest.mark.parametrize("addmm", [False, True])
-def test_fused_layers_match_unfused(addmm, monkeypatch):
+@pytest.mark.parametrize("addmm,silu", [(False, False), (True, False), (False, True), (True, True)])
+def test_fused_layers_match_unfused(addmm, silu, monkeypatch):
     """The compiled pointwise fusion gives the eager layer's results (full, subset and one-token
     passes) and the same greedy tokens through the graphed engine; also with the last residual
-    add inside the down projection."""
+    add inside the down projection, and SiLU x up by workers/swiglu.py's kernel."""
     from workers import fused
     monkeypatch.setattr(fused, "ADDMM_RESIDUAL", addmm)
+    monkeypatch.setattr(fused, "SILU_KERNEL", silu)
     r = _runner(True)
     assert r.fuse
     ids = torch.randint(0, SPEC.vocab_size, (300,)).tolist()
@@ -292,6 +293,9 @@ def test_subset_kernel_matches_dense_softmax(dtype, kv_heads, g, m, n, tiling, m
     want = torch.softmax(sc.masked_fill(~allowed[None], float("-inf")), -1) @ v.float()
     tol = 2e-4 if dtype == torch.float32 else 3e-2
     assert (out.float() - want).abs().max() < tol
+    # token-major output ([m, H*d], what the o projection reads) holds the same values
+    tm = sa.attend_subset(qf, k, v, pos, d ** -0.5, token_major=True)
+    assert torch.equal(tm, out.reshape(kv_heads * g, m, d).transpose(0, 1).reshape(m, -1))
 
 
 @pytest.mark.parametrize("mode", ["dhd", "cacheblend"])
@@ -348,9 +352,15 @@ def test_qkv_kernel_matches_torch_ops(dtype):
     assert ck[[0, 2]].abs().sum() == 0 and ck[1][:, others].abs().sum() == 0 and cv[1][:, others].abs().sum() == 0
 
 
-def test_graphs_with_the_qkv_kernel_match_eager():
+@pytest.mark.parametrize("options", [(), ("fused.COMPILED_QKV_NORM", "fused.SILU_KERNEL",
+                                          "subset_attention.TOKEN_MAJOR_OUT")])
+def test_graphs_with_the_qkv_kernel_match_eager(options, monkeypatch):
     """With the q/k/v kernel inside the graphs (graphed check, upper pass with pre-RoPE keys kept,
-    one-token decode steps), the pooled engine gives the eager engine's results."""
+    one-token decode steps), the pooled engine gives the eager engine's results; also with the
+    attention norm compiled, the SiLU kernel and the attention written token-major."""
+    from benchmarks.variants import module_setting
+    for key in options:
+        monkeypatch.setattr(*module_setting(key), True)
     r = _runner(False, subset=True)
     r.qkv_kernel = True
     eager, pooled, new = _eager_and_pooled(r, range(100, 130))
@@ -362,3 +372,15 @@ def test_graphs_with_the_qkv_kernel_match_eager():
     assert torch.allclose(la, lb, atol=2e-3)
     assert_same_segment_and_decode(eager, pooled, a, b, la, True, atol=2e-3)
     assert pooled._check_graphs.graphs and pooled._layer_graphs.graphs and pooled._graph.graphs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,inter", [(1, 64), (70, 14336), (3, 1500), (0, 128)])
+def test_silu_mul_kernel_matches_torch(dtype, m, inter):
+    """workers/swiglu.py: SiLU(gate) * up from the gate/up projection's output, as eager torch
+    computes it (within bf16 rounding)."""
+    from workers.swiglu import silu_mul, supports
+    x = (torch.randn(m, 2 * inter, device="cuda") * 3).to(dtype)
+    assert supports(x)
+    gate, up = x.chunk(2, dim=-1)
+    torch.testing.assert_close(silu_mul(x), torch.nn.functional.silu(gate) * up)
