@@ -20,18 +20,18 @@ for step in $steps; do
     tests)
       timeout 160 python3 -m pytest -q -p no:cacheprovider tests/workers/test_gpu_paths.py >"$out/tests.txt" 2>&1
       tail -4 "$out/tests.txt" ;;
-    ab)  # benchmarks/variants.py:AB_VARIANTS by number: default, compiled attention norm, SiLU kernel,
-         # attention tilings, addmm residual, combinations
+    ab)  # benchmarks/variants.py:AB_VARIANTS by number: default, without the SiLU kernel & co.,
+         # without the q/k/v kernel, fewer token buckets, one-slice attention, addmm residual
       timeout 120 python3 benchmarks/diag_reuse_profile.py --mode dhd --tokens 1024 --reuse 0.98 --ratio 0.05 \
-        --rows 45 --ab --ab-only 0,16,17,18,19,20,12 --ab-json "$out/ab_dhd.json" --cprofile 40 >"$out/ab_dhd.txt" 2>&1
+        --rows 45 --ab --ab-only 0,21,15,6,8,11 --ab-json "$out/ab_dhd.json" --cprofile 40 >"$out/ab_dhd.txt" 2>&1
       timeout 90 python3 benchmarks/diag_reuse_profile.py --mode cacheblend --tokens 1024 --reuse 0.9 \
-        --rows 0 --ab --ab-only 0,16,17,18,19,20,12 --ab-json "$out/ab_cacheblend.json" >"$out/ab_cacheblend.txt" 2>&1
+        --rows 0 --ab --ab-only 0,21,15,6,8,11 --ab-json "$out/ab_cacheblend.json" >"$out/ab_cacheblend.txt" 2>&1
       grep -hE "prefill|GPU kernel" "$out/ab_dhd.txt" "$out/ab_cacheblend.txt" ;;
     ab90)  # the 1k cells nearest their target (90% reused): the options against the default
       timeout 130 python3 benchmarks/diag_reuse_profile.py --mode dhd --tokens 1024 --reuse 0.9 --ratio 0.15 \
-        --rows 0 --ab --ab-only 0,16,17,18,19,20,11 --ab-json "$out/ab90_dhd.json" >"$out/ab90_dhd.txt" 2>&1
+        --rows 0 --ab --ab-only 0,21,15,6,8,11 --ab-json "$out/ab90_dhd.json" >"$out/ab90_dhd.txt" 2>&1
       timeout 130 python3 benchmarks/diag_reuse_profile.py --mode cacheblend --tokens 1024 --reuse 0.9 \
-        --rows 0 --ab --ab-only 0,16,17,18,19,20,11 --ab-json "$out/ab90_cacheblend.json" >"$out/ab90_cacheblend.txt" 2>&1
+        --rows 0 --ab --ab-only 0,21,15,6,8,11 --ab-json "$out/ab90_cacheblend.json" >"$out/ab90_cacheblend.txt" 2>&1
       grep -hE "prefill" "$out/ab90_dhd.txt" "$out/ab90_cacheblend.txt" ;;
     bench)
       v=$(variant); echo "bench with variant $v"

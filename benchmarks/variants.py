@@ -41,6 +41,9 @@ AB_VARIANTS = (
                           "subset_attention.TOKEN_MAJOR_OUT": True}, True),
     ("16 + 17 + 18 + addmm", {}, {"fused.COMPILED_QKV_NORM": True, "fused.SILU_KERNEL": True,
                                   "subset_attention.TOKEN_MAJOR_OUT": True, "fused.ADDMM_RESIDUAL": True}, True),
+    # 16-18 are the defaults since 2026-12-07 (so 16-19 then equal 0): this is the path before
+    ("none of 16-18 (the defaults before 2026-12-07)", {}, {"fused.COMPILED_QKV_NORM": False,
+     "fused.SILU_KERNEL": False, "subset_attention.TOKEN_MAJOR_OUT": False}, True),
 )
 
 

@@ -21,11 +21,14 @@ ENABLED = os.environ.get("KVCLUSTER_FUSE", "1") == "1"
 # a kernel of its own after it; on an H100 at 1k within the 1% spread of the plain add
 # (benchmarks/results/diag/ab*_1k_h100_2026-12-07_*): off
 ADDMM_RESIDUAL = os.environ.get("KVCLUSTER_ADDMM_RESIDUAL", "0") == "1"
-# SiLU x up by workers/swiglu.py's kernel between two compiled halves; not yet measured in the engine
-SILU_KERNEL = os.environ.get("KVCLUSTER_SILU_KERNEL", "0") == "1"
-# the attention input norm compiled with the q/k/v projection where the q/k/v kernel takes the rest
-# (else eager F.rms_norm: 6.4 us against inductor's 3.9 at 240 tokens on an H100); not yet measured
-COMPILED_QKV_NORM = os.environ.get("KVCLUSTER_COMPILED_QKV_NORM", "0") == "1"
+# SiLU x up by workers/swiglu.py's kernel between two compiled halves, and the attention input norm
+# compiled with the q/k/v projection where the q/k/v kernel takes the rest (else eager F.rms_norm:
+# 6.4 us against inductor's 3.9 at 240 tokens on an H100). With the subset kernel's token-major
+# output, dhd r=.15 at 90% reused, 1k tokens, 10.46 -> 9.88 ms on an H100, same-process A/B
+# (benchmarks/results/diag/ab90_1k_h100_2026-12-07b_*); KVCLUSTER_SILU_KERNEL=0 /
+# KVCLUSTER_COMPILED_QKV_NORM=0 turn them off
+SILU_KERNEL = os.environ.get("KVCLUSTER_SILU_KERNEL", "1") == "1"
+COMPILED_QKV_NORM = os.environ.get("KVCLUSTER_COMPILED_QKV_NORM", "1") == "1"
 
 
 def _pre_attn(h: torch.Tensor, norm_w: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor | None,

@@ -37,9 +37,9 @@ MERGE_ROWS = 16  # rows per merge program
 ONE_SPLIT_PROGRAMS = int(os.environ.get("KVCLUSTER_SUBSET_ONE_SPLIT_PROGRAMS", "96"))
 ONE_SPLIT_KEYS = int(os.environ.get("KVCLUSTER_SUBSET_ONE_SPLIT_KEYS", "0"))
 # the runner asks for the output token-major ([m, H*d], what the o projection reads), written so by
-# the kernels instead of a transposing copy after them (~4 us per layer at 240 tokens on an H100);
-# not yet measured in the engine
-TOKEN_MAJOR_OUT = os.environ.get("KVCLUSTER_SUBSET_TOKEN_MAJOR", "0") == "1"
+# the kernels instead of a transposing copy after them (~4 us per layer at 240 tokens on an H100;
+# A/B in workers/fused.py's note); KVCLUSTER_SUBSET_TOKEN_MAJOR=0 turns it off
+TOKEN_MAJOR_OUT = os.environ.get("KVCLUSTER_SUBSET_TOKEN_MAJOR", "1") == "1"
 
 
 def settings() -> dict:

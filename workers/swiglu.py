@@ -1,6 +1,6 @@
 """SiLU(gate) * up over the gate/up projection's output [m, 2I], one Triton kernel.
 
-Inside the compiled layer (workers/fused.py) inductor's kernel for this ran at ~1.4 TB/s on an
+Inside the compiled layer (workers/fused.py) inductor's kernel for this had run at ~1.4 TB/s on an
 H100 (14.6 us for 240 tokens of an 8B model, ~20 MB moved: benchmarks/results/diag/
 profile_dhd90_1k_h100_2026-12-07.txt); with dynamic shapes it splits a flat index by div/mod per
 element. Here a program takes one row and BLOCK columns, so loads are contiguous and vectorized.
