@@ -33,7 +33,7 @@ COMPILED_QKV_NORM = os.environ.get("KVCLUSTER_COMPILED_QKV_NORM", "1") == "1"
 
 def _pre_attn(h: torch.Tensor, norm_w: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor | None,
               cos: torch.Tensor, sin: torch.Tensor, eps: float, heads: int, kv_heads: int, d: int):
-    x = F.linear(F.rms_norm(h, (h.shape[-1],), norm_w, eps), w_qkv, b_qkv)
+    x = norm_linear(h, norm_w, w_qkv, b_qkv, eps)
     m = h.shape[0]
     qk = apply_rope(x[:, :(heads + kv_heads) * d].view(m, heads + kv_heads, d).transpose(0, 1), cos, sin)
     v = x[:, (heads + kv_heads) * d:].view(m, kv_heads, d).transpose(0, 1)
@@ -42,11 +42,9 @@ def _pre_attn(h: torch.Tensor, norm_w: torch.Tensor, w_qkv: torch.Tensor, b_qkv:
 
 def _post_attn(h: torch.Tensor, attn: torch.Tensor, w_o: torch.Tensor, norm_w: torch.Tensor,
                w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float) -> torch.Tensor:
-    h = h + F.linear(attn, w_o)
-    gate, up = F.linear(F.rms_norm(h, (h.shape[-1],), norm_w, eps), w_gate_up).chunk(2, dim=-1)
-    if ADDMM_RESIDUAL:
-        return torch.addmm(h, F.silu(gate) * up, w_down.t())
-    return h + F.linear(F.silu(gate) * up, w_down)
+    h, gate_up = _post_attn_up(h, attn, w_o, norm_w, w_gate_up, eps)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return _down_residual(h, F.silu(gate) * up, w_down)
 
 
 def _post_attn_up(h: torch.Tensor, attn: torch.Tensor, w_o: torch.Tensor, norm_w: torch.Tensor,
@@ -61,7 +59,10 @@ def post_attn(h: torch.Tensor, attn: torch.Tensor, w_o: torch.Tensor, norm_w: to
     if not (SILU_KERNEL and swiglu.supports(h)):
         return compiled("post")(h, attn, w_o, norm_w, w_gate_up, w_down, eps)
     h, gate_up = compiled("post_up")(h, attn, w_o, norm_w, w_gate_up, eps)
-    act = swiglu.silu_mul(gate_up)
+    return _down_residual(h, swiglu.silu_mul(gate_up), w_down)
+
+
+def _down_residual(h: torch.Tensor, act: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
     return torch.addmm(h, act, w_down.t()) if ADDMM_RESIDUAL else h + F.linear(act, w_down)
 
 

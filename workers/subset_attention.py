@@ -98,7 +98,7 @@ def attend_subset(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch
         ends = block_ends(pos, g)
     per, splits = split_plan(kv_heads * row_blocks, n)
     if token_major:
-        out = torch.empty(m, kv_heads * rows * d // m, dtype=qf.dtype, device=qf.device)
+        out = torch.empty(m, kv_heads * g * d, dtype=qf.dtype, device=qf.device)
         strides = (g * d, d, kv_heads * g * d)  # per KV head, head in group, token
     else:
         out = torch.empty_like(qf)
