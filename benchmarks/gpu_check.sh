@@ -14,24 +14,27 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 steps=${*:-tests ab bench}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+# benchmarks/variants.py:AB_VARIANTS by number: the defaults, without the SiLU kernel & co.,
+# without the q/k/v kernel, fewer token buckets, one-slice attention, addmm residual
+AB_ONLY=0,21,15,6,8,11
+ab_run() {  # NAME LIMIT_S DIAG_ARGS...: one same-process A/B at 1k tokens -> $out/NAME.{json,txt}
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" python3 benchmarks/diag_reuse_profile.py --tokens 1024 "$@" --ab --ab-only "$AB_ONLY" \
+    --ab-json "$out/$name.json" >"$out/$name.txt" 2>&1
+}
 variant() { python3 benchmarks/pick_variant.py "$out"/ab_*.json 2>>"$out/pick.txt" || echo 0; }
 for step in $steps; do
   case $step in
     tests)
       timeout 160 python3 -m pytest -q -p no:cacheprovider tests/workers/test_gpu_paths.py >"$out/tests.txt" 2>&1
       tail -4 "$out/tests.txt" ;;
-    ab)  # benchmarks/variants.py:AB_VARIANTS by number: default, without the SiLU kernel & co.,
-         # without the q/k/v kernel, fewer token buckets, one-slice attention, addmm residual
-      timeout 120 python3 benchmarks/diag_reuse_profile.py --mode dhd --tokens 1024 --reuse 0.98 --ratio 0.05 \
-        --rows 45 --ab --ab-only 0,21,15,6,8,11 --ab-json "$out/ab_dhd.json" --cprofile 40 >"$out/ab_dhd.txt" 2>&1
-      timeout 90 python3 benchmarks/diag_reuse_profile.py --mode cacheblend --tokens 1024 --reuse 0.9 \
-        --rows 0 --ab --ab-only 0,21,15,6,8,11 --ab-json "$out/ab_cacheblend.json" >"$out/ab_cacheblend.txt" 2>&1
+    ab)  # 1k, dhd r=.05 at 98% (with a kernel table and a Python profile) and cacheblend at 90%
+      ab_run ab_dhd 120 --mode dhd --reuse 0.98 --ratio 0.05 --rows 45 --cprofile 40
+      ab_run ab_cacheblend 90 --mode cacheblend --reuse 0.9 --rows 0
       grep -hE "prefill|GPU kernel" "$out/ab_dhd.txt" "$out/ab_cacheblend.txt" ;;
-    ab90)  # the 1k cells nearest their target (90% reused): the options against the default
-      timeout 130 python3 benchmarks/diag_reuse_profile.py --mode dhd --tokens 1024 --reuse 0.9 --ratio 0.15 \
-        --rows 0 --ab --ab-only 0,21,15,6,8,11 --ab-json "$out/ab90_dhd.json" >"$out/ab90_dhd.txt" 2>&1
-      timeout 130 python3 benchmarks/diag_reuse_profile.py --mode cacheblend --tokens 1024 --reuse 0.9 \
-        --rows 0 --ab --ab-only 0,21,15,6,8,11 --ab-json "$out/ab90_cacheblend.json" >"$out/ab90_cacheblend.txt" 2>&1
+    ab90)  # the 1k cells nearest their target (90% reused)
+      ab_run ab90_dhd 130 --mode dhd --reuse 0.9 --ratio 0.15 --rows 0
+      ab_run ab90_cacheblend 130 --mode cacheblend --reuse 0.9 --rows 0
       grep -hE "prefill" "$out/ab90_dhd.txt" "$out/ab90_cacheblend.txt" ;;
     bench)
       v=$(variant); echo "bench with variant $v"

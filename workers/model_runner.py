@@ -236,10 +236,9 @@ class LlamaRunner:
                 o = self._attend_one(qf, k, v, p.dense_mask(self))
                 return o.reshape(s.num_heads, 1, s.head_dim).transpose(0, 1).reshape(1, -1)
             if self.subset_kernel and subset_attention.strides_fit(k, v):
-                if subset_attention.TOKEN_MAJOR_OUT:
-                    return subset_attention.attend_subset(qf, k, v, p.pos, self.scale, p.subset_ends(g), True)
-                o = subset_attention.attend_subset(qf, k, v, p.pos, self.scale, p.subset_ends(g))
-                return o.reshape(s.num_heads, m, s.head_dim).transpose(0, 1).reshape(m, -1)
+                token_major = subset_attention.TOKEN_MAJOR_OUT
+                o = subset_attention.attend_subset(qf, k, v, p.pos, self.scale, p.subset_ends(g), token_major)
+                return o if token_major else o.reshape(s.num_heads, m, s.head_dim).transpose(0, 1).reshape(m, -1)
             mask = p.dense_mask(self)
             if q.is_cuda and sdpa_kernel is not None and g * m <= SMALL_QUERY:
                 with sdpa_kernel(_NO_CUDNN):
