@@ -2,11 +2,14 @@
 """The pieces of a short upper pass, timed alone (diagnostic: prints, writes no results file).
 
     python benchmarks/diag_small_pass.py [--only-subset] [--rows 64,128]
+    python benchmarks/diag_small_pass.py --autotune [--rows 144,176,240]
 
 Llama-3-8B shapes, bf16, one GPU. (1) Each linear layer of a layer (q/k/v, o, gate/up, down)
 for token counts 16..256: time, weight-read bandwidth and TFLOP/s, to choose the token buckets of
 graphed passes. (2) The split-key subset kernel at 1k and 4k keys with the number of key splits
-forced, and with the merge kernel skipped where there is one split.
+forced, and with the merge kernel skipped where there is one split. (3) With --autotune: each
+linear layer by cuBLAS against inductor's max-autotune choice (Triton templates and cuBLAS) for
+the same static shape, and against the weight-read time at the measured copy bandwidth.
 """
 from __future__ import annotations
 
@@ -43,14 +46,50 @@ def graphed_us(fn, reps: int = 20) -> float:
     return start.elapsed_time(end) * 1e3 / (5 * reps)
 
 
+SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 2 * 14336), "down": (14336, 4096)}
+
+
+def weights() -> dict[str, torch.Tensor]:
+    return {k: torch.randn(n, kin, device="cuda", dtype=torch.bfloat16) * 0.02 for k, (kin, n) in SHAPES.items()}
+
+
+def row_list(default: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(int(x) for x in sys.argv[sys.argv.index("--rows") + 1].split(",")) if "--rows" in sys.argv else default
+
+
+def autotuned() -> None:
+    """cuBLAS vs inductor's max-autotune pick, per linear layer and row count."""
+    import time
+
+    from benchmarks.reuse_gpu_bench import hbm_bandwidth  # the bandwidth the benchmark's roofline uses
+    ws, bw = weights(), hbm_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s; us per call: cuBLAS / max-autotune / weight read at that bandwidth")
+    layer = {"cublas": 0.0, "autotune": 0.0, "read": 0.0}
+    for m in row_list((144, 176, 240)):
+        cells = []
+        layer = dict.fromkeys(layer, 0.0)
+        for k, (kin, n) in SHAPES.items():
+            x = torch.randn(m, kin, device="cuda", dtype=torch.bfloat16)
+            w = ws[k]
+            t0 = time.perf_counter()
+            fn = torch.compile(lambda a, b: F.linear(a, b), mode="max-autotune-no-cudagraphs", dynamic=False)
+            fn(x, w)
+            tune_s = time.perf_counter() - t0
+            got = {"cublas": graphed_us(lambda: F.linear(x, w)), "autotune": graphed_us(lambda: fn(x, w)),
+                   "read": 2 * kin * n / bw * 1e6}
+            for key, us in got.items():
+                layer[key] += us
+            cells.append(f"{k} {got['cublas']:6.1f} / {got['autotune']:6.1f} / {got['read']:6.1f} ({tune_s:.0f} s)")
+            torch._dynamo.reset()
+        print(f"  m={m:4d}  " + "  ".join(cells) +
+              f"  layer {layer['cublas']:6.1f} / {layer['autotune']:6.1f} / {layer['read']:6.1f}", flush=True)
+
+
 def linears() -> None:
-    h, qkv, inter = 4096, 6144, 14336
-    shapes = {"qkv": (h, qkv), "o": (h, h), "gate_up": (h, 2 * inter), "down": (inter, h)}
-    ws = {k: torch.randn(n, kin, device="cuda", dtype=torch.bfloat16) * 0.02 for k, (kin, n) in shapes.items()}
+    shapes, ws = SHAPES, weights()
     print("linear layers: us per call (weight-read TB/s)")
     print(f"{'tokens':>6} " + " ".join(f"{k:>16}" for k in shapes) + f" {'layer sum':>10}")
-    rows = [int(x) for x in sys.argv[sys.argv.index("--rows") + 1].split(",")] if "--rows" in sys.argv else \
-        (16, 32, 48, 64, 67, 80, 96, 112, 128, 144, 160, 165, 176, 192, 224, 233, 256)
+    rows = row_list((16, 32, 48, 64, 67, 80, 96, 112, 128, 144, 160, 165, 176, 192, 224, 233, 256))
     for m in rows:
         cells, total = [], 0.0
         for k, (kin, n) in shapes.items():
@@ -96,6 +135,9 @@ def subset_kernel() -> None:
 
 if __name__ == "__main__":
     print(torch.cuda.get_device_name())
+    if "--autotune" in sys.argv:
+        autotuned()
+        sys.exit(0)
     if "--only-subset" not in sys.argv:
         linears()
     subset_kernel()
