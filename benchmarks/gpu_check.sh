@@ -6,7 +6,7 @@
 # calls, so `ab` and `bench` may run in separate calls) and are copied to $OUT when it is set.
 #
 #   bash benchmarks/gpu_check.sh            # tests ab bench: at most 580 s of steps (run it with timeout_s 600)
-#   bash benchmarks/gpu_check.sh tests ab   # some of them: tests, ab, ab90, bench, bench1k
+#   bash benchmarks/gpu_check.sh tests ab   # some of them: tests, ab, ab90, ab1k, bench, bench1k
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=gpu_check_out
@@ -16,7 +16,8 @@ steps=${*:-tests ab bench}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # benchmarks/variants.py:AB_VARIANTS by number: the defaults, without the SiLU kernel & co.,
 # without the q/k/v kernel, fewer token buckets, one-slice attention, addmm residual
-AB_ONLY=0,21,15,6,8,11
+# (AB_ONLY=... in the environment picks others)
+AB_ONLY=${AB_ONLY:-0,21,15,6,8,11}
 ab_run() {  # NAME LIMIT_S DIAG_ARGS...: one same-process A/B at 1k tokens -> $out/NAME.{json,txt}
   local name=$1 limit=$2; shift 2
   timeout "$limit" python3 benchmarks/diag_reuse_profile.py --tokens 1024 "$@" --ab --ab-only "$AB_ONLY" \
@@ -36,13 +37,19 @@ for step in $steps; do
       ab_run ab90_dhd 130 --mode dhd --reuse 0.9 --ratio 0.15 --rows 0
       ab_run ab90_cacheblend 130 --mode cacheblend --reuse 0.9 --rows 0
       grep -hE "prefill" "$out/ab90_dhd.txt" "$out/ab90_cacheblend.txt" ;;
+    ab1k)  # every 1k reuse cell of the benchmark
+      for cell in "dhd 0.9 0.15" "dhd 0.9 0.05" "cacheblend 0.9 0.15" "dhd 0.98 0.15" "dhd 0.98 0.05" "cacheblend 0.98 0.15"; do
+        read -r mode reuse ratio <<<"$cell"
+        ab_run "ab1k_${mode}_${reuse}_${ratio}" 75 --mode "$mode" --reuse "$reuse" --ratio "$ratio" --rows 0
+      done
+      grep -H "prefill" "$out"/ab1k_*.txt ;;
     bench)
       v=$(variant); echo "bench with variant $v"
       timeout 210 python3 benchmarks/reuse_gpu_bench.py --variant "$v" --out "$out/reuse_gpu.json" 2>&1 | tail -42 ;;
     bench1k)
       v=$(variant); echo "bench (1k) with variant $v"
       timeout 90 python3 benchmarks/reuse_gpu_bench.py --lengths 1024 --variant "$v" --out "$out/reuse_gpu_1k.json" 2>&1 | tail -14 ;;
-    *) echo "unknown step $step (tests, ab, ab90, bench, bench1k)" >&2; exit 2 ;;
+    *) echo "unknown step $step (tests, ab, ab90, ab1k, bench, bench1k)" >&2; exit 2 ;;
   esac
 done
 [ -n "${OUT:-}" ] && cp "$out"/*.json "$out"/*.txt "$OUT"/ 2>/dev/null
