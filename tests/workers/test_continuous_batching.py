@@ -17,19 +17,13 @@ from workers.model_loader import random_runner
 from workers.model_spec import ModelSpec
 from workers.paged_decode import paged_decode_step
 from workers.segments import InMemorySegmentStore
+from tests.workers.one_thread import one_torch_thread  # noqa: F401 (autouse: one torch thread)
 
 SPEC = ModelSpec(vocab_size=257, hidden_size=64, num_layers=6, num_heads=4, num_kv_heads=2,
                  head_dim=16, intermediate_size=128, max_position=1024, eos_token_ids=(1,))
 MAP = [0, 0, 2, 2, 4, 2]  # KVSharer: layers 1, 3, 5 read the KV of layers 0, 2, 2
 FULL = ReuseSettings(mode="full")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny(kv_source=None, dtype=torch.float64):

