@@ -201,12 +201,34 @@ def gaps(eng, run, reps: int = 5, step_us: float = 2.0) -> None:
             label = next((s[2] for s in reversed(inner) if s[0] <= t < s[1]), "outside any phase")
             idle[label] = idle.get(label, 0.0) + step_us
             t += step_us
+    timeline(events, kernels, calls[-1], spans)
     n = len(calls)
     print(f"profiled (host + device, no syncs): prefill {sum(walls) / n / 1e3:.2f} ms to its last kernel, "
           f"device busy {sum(busy) / n / 1e3:.2f} ms")
     print("device idle per prefill, by the phase the host was in (ms):")
     for label, us in sorted(idle.items(), key=lambda kv: -kv[1]):
         print(f"  {label:34s} {us / n / 1e3:8.3f}")
+
+
+def timeline(events, kernels, call, spans, min_us: float = 10.0) -> None:
+    """The device's idle stretches of one prefill (``call``: its host span), each with the phase
+    and the innermost host call (a CUDA runtime call or an aten op) in flight when it began."""
+    from torch.autograd import DeviceType
+    c0, c1, _ = call
+    host = [(e.time_range.start, e.time_range.end, e.name) for e in events
+            if e.device_type == DeviceType.CPU and not e.name.startswith("phase:")
+            and e.time_range.start < c1 and e.time_range.end > c0]
+    busy = sorted((max(a, c0), b) for a, b in kernels if b > c0 and a < c1)
+    t, stretches = c0, []
+    for a, b in busy:
+        if a - t >= min_us:
+            stretches.append((t, a))
+        t = max(t, b)
+    print(f"idle stretches of >= {min_us:.0f} us in one prefill (offset from its start, us):")
+    for a, b in stretches:
+        phase = next((s[2] for s in sorted(spans, key=lambda s: s[1] - s[0]) if s[0] <= a < s[1]), "-")
+        inner = min((h for h in host if h[0] <= a < h[1]), key=lambda h: h[1] - h[0], default=None)
+        print(f"  at {a - c0:8.0f} for {b - a:6.0f}  phase {phase:30s} host in {inner[2] if inner else '-'}")
 
 
 def main() -> None:
