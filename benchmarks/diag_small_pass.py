@@ -64,10 +64,8 @@ def autotuned() -> None:
     from benchmarks.reuse_gpu_bench import hbm_bandwidth  # the bandwidth the benchmark's roofline uses
     ws, bw = weights(), hbm_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s; us per call: cuBLAS / max-autotune / weight read at that bandwidth")
-    layer = {"cublas": 0.0, "autotune": 0.0, "read": 0.0}
     for m in row_list((144, 176, 240)):
-        cells = []
-        layer = dict.fromkeys(layer, 0.0)
+        cells, layer = [], {"cublas": 0.0, "autotune": 0.0, "read": 0.0}
         for k, (kin, n) in SHAPES.items():
             x = torch.randn(m, kin, device="cuda", dtype=torch.bfloat16)
             w = ws[k]

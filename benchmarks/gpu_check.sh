@@ -3,7 +3,8 @@
 # 1k tokens, then the reuse benchmark with the option that won the A/B (benchmarks/pick_variant.py;
 # the defaults unless one is faster in both modes by 2%). Each step has its own time limit so a
 # slow one cannot eat the next. Outputs go to gpu_check_out/ (kept on a warm machine between
-# calls, so `ab` and `bench` may run in separate calls) and are copied to $OUT when it is set.
+# calls, so `ab` and `bench` may run in separate calls) and are copied to $OUT when it is set
+# (as gpu_check_out.tgz where there are more than 8 files, e.g. after ab1k).
 #
 #   bash benchmarks/gpu_check.sh            # tests ab bench: at most 580 s of steps (run it with timeout_s 600)
 #   bash benchmarks/gpu_check.sh tests ab   # some of them: tests, ab, ab90, ab1k, bench, bench1k
@@ -52,5 +53,9 @@ for step in $steps; do
     *) echo "unknown step $step (tests, ab, ab90, ab1k, bench, bench1k)" >&2; exit 2 ;;
   esac
 done
-[ -n "${OUT:-}" ] && cp "$out"/*.json "$out"/*.txt "$OUT"/ 2>/dev/null
+if [ -n "${OUT:-}" ]; then  # at most 8 files come back from a device call: more go as one archive
+  shopt -s nullglob
+  files=("$out"/*.json "$out"/*.txt)
+  if [ ${#files[@]} -le 8 ]; then cp "${files[@]}" "$OUT"/; else tar czf "$OUT/gpu_check_out.tgz" "$out"; fi
+fi
 true
