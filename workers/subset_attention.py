@@ -41,14 +41,15 @@ ONE_SPLIT_KEYS = int(os.environ.get("KVCLUSTER_SUBSET_ONE_SPLIT_KEYS", "0"))
 # A/B in workers/fused.py's note); KVCLUSTER_SUBSET_TOKEN_MAJOR=0 turns it off
 TOKEN_MAJOR_OUT = os.environ.get("KVCLUSTER_SUBSET_TOKEN_MAJOR", "1") == "1"
 
+MIN_KEYS_PER_SPLIT = 512
+TARGET_PROGRAMS = 4 * 132  # a few waves on an H100/H200
+
 
 def settings() -> dict:
     """The tiling in force (benchmarks record it beside their results)."""
     return {"block_m": BLOCK_M, "block_n": BLOCK_N, "num_stages": NUM_STAGES, "merge_rows": MERGE_ROWS,
             "one_split_programs": ONE_SPLIT_PROGRAMS, "one_split_keys": ONE_SPLIT_KEYS,
             "token_major_out": TOKEN_MAJOR_OUT}
-MIN_KEYS_PER_SPLIT = 512
-TARGET_PROGRAMS = 4 * 132  # a few waves on an H100/H200
 
 
 def supports(head_dim: int) -> bool:
