@@ -384,3 +384,46 @@ def test_silu_mul_kernel_matches_torch(dtype, m, inter):
     assert supports(x)
     gate, up = x.chunk(2, dim=-1)
     torch.testing.assert_close(silu_mul(x), torch.nn.functional.silu(gate) * up)
+
+
+@pytest.mark.parametrize("m", [64, 165, 256])
+@pytest.mark.parametrize("op", ["qkv", "o", "gate_up", "down"])
+def test_skinny_linear_matches_cublas(op, m):
+    """workers/skinny_linear.py at an 8B model's shapes, with the engine's tilings and epilogues
+    (SiLU x up; residual add in the split-K sum), against cuBLAS and eager torch in bf16."""
+    from workers import skinny_linear
+    from workers.swiglu import silu_mul
+    k, n = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 2 * 14336), "down": (14336, 4096)}[op]
+    t = skinny_linear.TILINGS[op]
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    h = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    y = torch.nn.functional.linear(x, w)
+    if op == "gate_up":
+        got, want = skinny_linear.linear(x, w, t, swiglu=True), silu_mul(y)
+    elif t.split_k > 1 and op in ("o", "down"):
+        got, want = skinny_linear.linear(x, w, t, residual=h), h + y
+    else:
+        got, want = skinny_linear.linear(x, w, t), y
+    torch.testing.assert_close(got, want, atol=3e-2, rtol=2e-2)
+
+
+def test_skinny_linears_in_graphed_passes_match_eager(monkeypatch):
+    """With fused.SKINNY_LINEARS on, graphed passes of 64..256 rows run their linears through
+    workers/skinny_linear.py and give the eager engine's logits and segment (float32, so the
+    kernels' own rounding is what is compared)."""
+    from workers import fused, skinny_linear
+    monkeypatch.setattr(fused, "SKINNY_LINEARS", True)
+    rows = []
+    real = skinny_linear.linear
+    monkeypatch.setattr(skinny_linear, "linear", lambda x, *a, **kw: rows.append(x.shape[0]) or real(x, *a, **kw))
+    eager, pooled, new = _eager_and_pooled(_runner(True, subset=True), range(100, 130))
+    plan = ReusePlan(500, [ReuseSpan(0, "d", 0, 100), ReuseSpan(130, "d", 130, 370)], prefix_len=100)
+    st = ReuseSettings(mode="dhd", recompute_ratio=0.2, decode_recompute=0)
+    a, la = eager.prefill(new, plan, st, keep_segment=True)
+    b, lb = pooled.prefill(new, plan, st, keep_segment=True)
+    assert rows and all(64 <= r <= 256 for r in rows)
+    assert a.stats.recomputed_tokens == b.stats.recomputed_tokens
+    assert torch.allclose(la, lb, atol=2e-3), (la - lb).abs().max()
+    sa, sb = eager.segment_of(a, "x"), pooled.segment_of(b, "y")
+    assert torch.allclose(sa.keys, sb.keys, atol=2e-3) and torch.allclose(sa.values, sb.values, atol=2e-3)
