@@ -44,7 +44,6 @@ AB_VARIANTS = (
     # 16-18 are the defaults since 2026-12-07 (so 16-19 then equal 0): this is the path before
     ("none of 16-18 (the defaults before 2026-12-07)", {}, {"fused.COMPILED_QKV_NORM": False,
      "fused.SILU_KERNEL": False, "subset_attention.TOKEN_MAJOR_OUT": False}, True),
-    ("the four linears by workers/skinny_linear.py (weights read once)", {}, {"fused.SKINNY_LINEARS": True}, True),
 )
 
 

@@ -13,7 +13,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from workers import skinny_linear, swiglu
+from workers import swiglu
 from workers.rope import apply_rope
 
 ENABLED = os.environ.get("KVCLUSTER_FUSE", "1") == "1"
@@ -29,9 +29,6 @@ ADDMM_RESIDUAL = os.environ.get("KVCLUSTER_ADDMM_RESIDUAL", "0") == "1"
 # KVCLUSTER_COMPILED_QKV_NORM=0 turn them off
 SILU_KERNEL = os.environ.get("KVCLUSTER_SILU_KERNEL", "1") == "1"
 COMPILED_QKV_NORM = os.environ.get("KVCLUSTER_COMPILED_QKV_NORM", "1") == "1"
-# the four linears of a short pass (<= 256 rows) by workers/skinny_linear.py, which reads each
-# weight once, with SiLU x up and the residual adds in its epilogues
-SKINNY_LINEARS = os.environ.get("KVCLUSTER_SKINNY_LINEARS", "0") == "1"
 
 
 def _pre_attn(h: torch.Tensor, norm_w: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor | None,
@@ -59,31 +56,10 @@ def _post_attn_up(h: torch.Tensor, attn: torch.Tensor, w_o: torch.Tensor, norm_w
 def post_attn(h: torch.Tensor, attn: torch.Tensor, w_o: torch.Tensor, norm_w: torch.Tensor,
               w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float) -> torch.Tensor:
     """The layer after attention: o projection, residual, norm, SwiGLU MLP, residual (compiled)."""
-    if skinny_fits(h.shape[0], w_o, w_gate_up, w_down):
-        return _post_attn_skinny(h, attn, w_o, norm_w, w_gate_up, w_down, eps)
     if not (SILU_KERNEL and swiglu.supports(h)):
         return compiled("post")(h, attn, w_o, norm_w, w_gate_up, w_down, eps)
     h, gate_up = compiled("post_up")(h, attn, w_o, norm_w, w_gate_up, eps)
     return _down_residual(h, swiglu.silu_mul(gate_up), w_down)
-
-
-def skinny_fits(m: int, w_o: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> bool:
-    """Whether the skinny kernels take the linears after attention for ``m`` rows."""
-    t = skinny_linear.TILINGS
-    return (SKINNY_LINEARS and w_o.is_cuda and skinny_linear.fits(m, w_o, t["o"])
-            and skinny_linear.fits(m, w_gate_up, t["gate_up"], swiglu=True) and skinny_linear.fits(m, w_down, t["down"]))
-
-
-def _post_attn_skinny(h: torch.Tensor, attn: torch.Tensor, w_o: torch.Tensor, norm_w: torch.Tensor,
-                      w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float) -> torch.Tensor:
-    t = skinny_linear.TILINGS
-    h = skinny_linear.linear(attn, w_o, t["o"], residual=h)
-    act = skinny_linear.linear(compiled("rms_norm")(h, norm_w, eps), w_gate_up, t["gate_up"], swiglu=True)
-    return skinny_linear.linear(act, w_down, t["down"], residual=h)
-
-
-def rms_norm(h: torch.Tensor, norm_w: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.rms_norm(h, (h.shape[-1],), norm_w, eps)
 
 
 def _down_residual(h: torch.Tensor, act: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
@@ -93,15 +69,6 @@ def _down_residual(h: torch.Tensor, act: torch.Tensor, w_down: torch.Tensor) -> 
 def norm_linear(h: torch.Tensor, norm_w: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
                 eps: float) -> torch.Tensor:
     return F.linear(F.rms_norm(h, (h.shape[-1],), norm_w, eps), w, b)
-
-
-def qkv_projection(h: torch.Tensor, norm_w: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-                   eps: float) -> torch.Tensor:
-    """The attention input norm and the q/k/v projection, inside a graph capture."""
-    t = skinny_linear.TILINGS["qkv"]
-    if SKINNY_LINEARS and b is None and w.is_cuda and skinny_linear.fits(h.shape[0], w, t):
-        return skinny_linear.linear(compiled("rms_norm")(h, norm_w, eps), w, t)
-    return (compiled("norm_linear") if COMPILED_QKV_NORM else norm_linear)(h, norm_w, w, b, eps)
 
 
 def attend_one(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
@@ -119,7 +86,6 @@ def compiled(name: str):
     fn = _compiled.get(name)
     if fn is None:
         fns = {"pre": _pre_attn, "post": _post_attn, "post_up": _post_attn_up, "norm_linear": norm_linear,
-               "rms_norm": rms_norm,
                "one": attend_one}
         fn = _compiled[name] = torch.compile(fns[name], dynamic=True, fullgraph=True)
     return fn

@@ -290,7 +290,8 @@ class LlamaRunner:
         owns_kv = lw.w_qkv.shape[0] > s.q_size
         if self.qkv_kernel and self._fusing and self.reduce is None and owns_kv:
             slot = self.kv_slot[layer]
-            x = fused.qkv_projection(h, lw.attn_norm, lw.w_qkv, lw.b_qkv, s.rms_norm_eps)
+            norm_linear = fused.compiled("norm_linear") if fused.COMPILED_QKV_NORM else fused.norm_linear
+            x = norm_linear(h, lw.attn_norm, lw.w_qkv, lw.b_qkv, s.rms_norm_eps)
             return qkv_write.write_qkv(x, p.cos, p.sin, p.pos, cache.k[slot], cache.v[slot], s.num_heads,
                                        s.num_kv_heads, None if k_pre_out is None else k_pre_out[slot])
         if self._fusing and self.reduce is None and k_pre_out is None and owns_kv:
