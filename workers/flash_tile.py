@@ -8,6 +8,8 @@ V read once). Rows that have seen no key yet keep m = -inf and contribute nothin
 [..., D] of acc) merged into the output, BLOCK_R rows per program. Row r of KV head h (query head
 r // m_tokens of the group, token r % m_tokens) goes to h * s_head + (r // m_tokens) * s_group +
 (r % m_tokens) * s_token: [Hkv, out_rows, D] or, token-major, [m, H * D] (``out_offset``).
+``merge_rows`` does the same with a program's rows as one block: one round of loads instead of a
+chain of BLOCK_R (the loop costs ~10 us per layer at 1k keys on an H100, for ~1 MB of data).
 """
 from __future__ import annotations
 
@@ -66,3 +68,24 @@ if triton is not None:
                 o = tl.sum(acc * w[:, None], 0) / tl.sum(w * l, 0)
                 dst = out_ptr + out_offset(h, row, m_tokens, s_head, s_group, s_token) + cols
                 tl.store(dst, o.to(out_ptr.dtype.element_ty))
+
+    @triton.jit
+    def merge_rows(m_ptr, l_ptr, acc_ptr, out_ptr, in_rows, out_rows, splits, m_tokens, s_head, s_group,
+                   s_token, D: tl.constexpr, BLOCK_R: tl.constexpr, SP: tl.constexpr):
+        h = tl.program_id(0)
+        rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        ss = tl.arange(0, SP)
+        cols = tl.arange(0, D)
+        row_live = rows < out_rows
+        live = row_live[:, None] & (ss[None, :] < splits)  # [R, SP]
+        idx = (h * splits + ss[None, :]) * in_rows + rows[:, None]
+        m = tl.load(m_ptr + idx, mask=live, other=float("-inf"))
+        l = tl.load(l_ptr + idx, mask=live, other=0.0)
+        top = tl.max(m, 1)  # split 0 holds key 0, which every live row sees: finite
+        top = tl.where(row_live, top, 0.0)
+        w = tl.where(live & (m > float("-inf")), tl.exp(m - top[:, None]), 0.0)
+        acc = tl.load(acc_ptr + idx[:, :, None] * D + cols[None, None, :], mask=live[:, :, None], other=0.0)
+        den = tl.sum(w * l, 1)
+        o = tl.sum(acc * w[:, :, None], 1) / tl.where(row_live, den, 1.0)[:, None]
+        dst = out_ptr + out_offset(h, rows, m_tokens, s_head, s_group, s_token)[:, None] + cols[None, :]
+        tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=row_live[:, None])

@@ -22,7 +22,7 @@ try:
     import triton
     import triton.language as tl
 
-    from workers.flash_tile import key_tile, merge_splits, out_offset
+    from workers.flash_tile import key_tile, merge_rows, merge_splits, out_offset
 except ImportError:  # CPU-only installs: callers use SDPA with a dense mask
     triton = None
 
@@ -30,6 +30,8 @@ BLOCK_M = int(os.environ.get("KVCLUSTER_SUBSET_BLOCK_M", "64"))   # folded query
 BLOCK_N = 64   # keys per tile
 NUM_WARPS, NUM_STAGES = 4, 2
 MERGE_ROWS = 16  # rows per merge program
+# the merge as one block of rows per program (flash_tile.merge_rows) instead of a loop over them
+MERGE_BLOCK = os.environ.get("KVCLUSTER_SUBSET_MERGE_BLOCK", "0") == "1"
 # one key slice (no merge) from this many row blocks on, up to ONE_SPLIT_KEYS keys; 0: off. In the
 # kernel alone on an H200 one slice took 21-24 us against 25-26 with two at 1k keys and 192-256
 # tokens (benchmarks/results/diag/reuse_1k_h200_2026-12-04.md); in the engine on an H100 at 1k no
@@ -41,13 +43,14 @@ ONE_SPLIT_KEYS = int(os.environ.get("KVCLUSTER_SUBSET_ONE_SPLIT_KEYS", "0"))
 # A/B in workers/fused.py's note); KVCLUSTER_SUBSET_TOKEN_MAJOR=0 turns it off
 TOKEN_MAJOR_OUT = os.environ.get("KVCLUSTER_SUBSET_TOKEN_MAJOR", "1") == "1"
 
-MIN_KEYS_PER_SPLIT = 512
+MIN_KEYS_PER_SPLIT = int(os.environ.get("KVCLUSTER_SUBSET_MIN_KEYS_PER_SPLIT", "512"))
 TARGET_PROGRAMS = 4 * 132  # a few waves on an H100/H200
 
 
 def settings() -> dict:
     """The tiling in force (benchmarks record it beside their results)."""
     return {"block_m": BLOCK_M, "block_n": BLOCK_N, "num_stages": NUM_STAGES, "merge_rows": MERGE_ROWS,
+            "merge_block": MERGE_BLOCK, "min_keys_per_split": MIN_KEYS_PER_SPLIT,
             "one_split_programs": ONE_SPLIT_PROGRAMS, "one_split_keys": ONE_SPLIT_KEYS,
             "token_major_out": TOKEN_MAJOR_OUT}
 
@@ -115,9 +118,10 @@ def attend_subset(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch
         rows, m, n, per, scale, *strides, D=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         IEEE=qf.dtype == torch.float32, DIRECT=splits == 1, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if splits > 1:
-        merge_splits[(kv_heads, -(-rows // MERGE_ROWS))](mx, l, acc, out, rows, rows, splits, m, *strides, D=d,
-                                                         BLOCK_R=MERGE_ROWS, SP=max(2, triton.next_power_of_2(splits)),
-                                                         num_warps=4)
+        merge = merge_rows if MERGE_BLOCK else merge_splits
+        merge[(kv_heads, -(-rows // MERGE_ROWS))](mx, l, acc, out, rows, rows, splits, m, *strides, D=d,
+                                                  BLOCK_R=MERGE_ROWS, SP=max(2, triton.next_power_of_2(splits)),
+                                                  num_warps=4)
     return out
 
 

@@ -267,18 +267,23 @@ def test_graph_step_split_key_kernel_matches_matmul_attention():
     assert torch.allclose(outs[True][1], outs[False][1], atol=1e-3)
 
 
-@pytest.mark.parametrize("tiling", [(64, 0), (32, 1024), (16, 1024)])  # (rows per block, one-slice keys)
+# (rows per block, one-slice keys, merge as a block of rows, fewest keys per slice)
+@pytest.mark.parametrize("tiling", [(64, 0, False, 512), (32, 1024, False, 512), (16, 1024, False, 512),
+                                    (64, 0, True, 512), (64, 0, True, 256)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kv_heads,g,m,n", [(8, 4, 278, 4096), (2, 4, 37, 700), (1, 1, 5, 130), (2, 2, 300, 2048)])
 def test_subset_kernel_matches_dense_softmax(dtype, kv_heads, g, m, n, tiling, monkeypatch):
     """The split-key kernel for a pass of m tokens at sorted positions over n cached keys (strided
     slices of a larger slot, as the layers see them) matches a dense masked softmax; the last
     row sits past the keys (a graph's padding row) and sees all of them. Also with smaller row
-    blocks and one key slice (no merge) up to 1k keys."""
+    blocks and one key slice (no merge) up to 1k keys, and with the block merge (flash_tile.
+    merge_rows) over slices of 512 or 256 keys."""
     from workers import subset_attention as sa
     monkeypatch.setattr(sa, "BLOCK_M", tiling[0])
     monkeypatch.setattr(sa, "ONE_SPLIT_KEYS", tiling[1])
     monkeypatch.setattr(sa, "ONE_SPLIT_PROGRAMS", 0 if tiling[1] else sa.ONE_SPLIT_PROGRAMS)
+    monkeypatch.setattr(sa, "MERGE_BLOCK", tiling[2])
+    monkeypatch.setattr(sa, "MIN_KEYS_PER_SPLIT", tiling[3])
     torch.manual_seed(0)
     d, cap = 64, n + 100
     pos = torch.sort(torch.randperm(n)[:m]).values.cuda()
