@@ -15,10 +15,10 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 steps=${*:-tests ab bench}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-# benchmarks/variants.py:AB_VARIANTS by number: the defaults, without the SiLU kernel & co.,
-# without the q/k/v kernel, fewer token buckets, one-slice attention, addmm residual
+# benchmarks/variants.py:AB_VARIANTS by number: the defaults, the merge and key slices before,
+# without the SiLU kernel & co., without the q/k/v kernel, fewer token buckets, addmm residual
 # (AB_ONLY=... in the environment picks others)
-AB_ONLY=${AB_ONLY:-0,21,15,6,8,11}
+AB_ONLY=${AB_ONLY:-0,22,21,15,6,11}
 ab_run() {  # NAME LIMIT_S DIAG_ARGS...: one same-process A/B at 1k tokens -> $out/NAME.{json,txt}
   local name=$1 limit=$2; shift 2
   timeout "$limit" python3 benchmarks/diag_reuse_profile.py --tokens 1024 "$@" --ab --ab-only "$AB_ONLY" \

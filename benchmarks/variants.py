@@ -44,9 +44,11 @@ AB_VARIANTS = (
     # 16-18 are the defaults since 2026-12-07 (so 16-19 then equal 0): this is the path before
     ("none of 16-18 (the defaults before 2026-12-07)", {}, {"fused.COMPILED_QKV_NORM": False,
      "fused.SILU_KERNEL": False, "subset_attention.TOKEN_MAJOR_OUT": False}, True),
-    ("subset kernel, merge as one block of rows", {}, {"subset_attention.MERGE_BLOCK": True}, True),
-    ("subset kernel, merge as a block, keys split from 256 a slice", {},
-     {"subset_attention.MERGE_BLOCK": True, "subset_attention.MIN_KEYS_PER_SPLIT": 256}, True),
+    # the block merge with slices from 256 keys is the default since 2026-12-07 afternoon (it was
+    # variant 23, block merge with 512-key slices variant 22): these are the paths before
+    ("subset kernel, merge as a loop over rows, slices of >= 512 keys", {},
+     {"subset_attention.MERGE_BLOCK": False, "subset_attention.MIN_KEYS_PER_SPLIT": 512}, True),
+    ("subset kernel, block merge, slices of >= 512 keys", {}, {"subset_attention.MIN_KEYS_PER_SPLIT": 512}, True),
 )
 
 

@@ -29,9 +29,14 @@ except ImportError:  # CPU-only installs: callers use SDPA with a dense mask
 BLOCK_M = int(os.environ.get("KVCLUSTER_SUBSET_BLOCK_M", "64"))   # folded query rows per program
 BLOCK_N = 64   # keys per tile
 NUM_WARPS, NUM_STAGES = 4, 2
-MERGE_ROWS = 16  # rows per merge program
-# the merge as one block of rows per program (flash_tile.merge_rows) instead of a loop over them
-MERGE_BLOCK = os.environ.get("KVCLUSTER_SUBSET_MERGE_BLOCK", "0") == "1"
+MERGE_ROWS = 16  # rows per merge program (the block merge: fewer where there are many slices)
+# the merge as one block of rows per program (flash_tile.merge_rows) instead of a loop over them,
+# with slices of >= MIN_KEYS_PER_SPLIT = 256 keys instead of 512 (so 4 slices at 1k keys): faster in
+# all six 1k reuse cells on an H100, 0.3-6.9% (dhd r=.15 at 98%: 9.56 -> 8.90 ms), same-process A/B
+# (benchmarks/results/diag/ab1k_merge_h100_2026-12-07.txt); KVCLUSTER_SUBSET_MERGE_BLOCK=0 /
+# KVCLUSTER_SUBSET_MIN_KEYS_PER_SPLIT=512 give the kernels before
+MERGE_BLOCK = os.environ.get("KVCLUSTER_SUBSET_MERGE_BLOCK", "1") == "1"
+MERGE_BLOCK_ELEMS = 32  # rows x slices per block-merge program (x head size in registers)
 # one key slice (no merge) from this many row blocks on, up to ONE_SPLIT_KEYS keys; 0: off. In the
 # kernel alone on an H200 one slice took 21-24 us against 25-26 with two at 1k keys and 192-256
 # tokens (benchmarks/results/diag/reuse_1k_h200_2026-12-04.md); in the engine on an H100 at 1k no
@@ -43,7 +48,7 @@ ONE_SPLIT_KEYS = int(os.environ.get("KVCLUSTER_SUBSET_ONE_SPLIT_KEYS", "0"))
 # A/B in workers/fused.py's note); KVCLUSTER_SUBSET_TOKEN_MAJOR=0 turns it off
 TOKEN_MAJOR_OUT = os.environ.get("KVCLUSTER_SUBSET_TOKEN_MAJOR", "1") == "1"
 
-MIN_KEYS_PER_SPLIT = int(os.environ.get("KVCLUSTER_SUBSET_MIN_KEYS_PER_SPLIT", "512"))
+MIN_KEYS_PER_SPLIT = int(os.environ.get("KVCLUSTER_SUBSET_MIN_KEYS_PER_SPLIT", "256"))
 TARGET_PROGRAMS = 4 * 132  # a few waves on an H100/H200
 
 
@@ -118,10 +123,10 @@ def attend_subset(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch
         rows, m, n, per, scale, *strides, D=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         IEEE=qf.dtype == torch.float32, DIRECT=splits == 1, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if splits > 1:
-        merge = merge_rows if MERGE_BLOCK else merge_splits
-        merge[(kv_heads, -(-rows // MERGE_ROWS))](mx, l, acc, out, rows, rows, splits, m, *strides, D=d,
-                                                  BLOCK_R=MERGE_ROWS, SP=max(2, triton.next_power_of_2(splits)),
-                                                  num_warps=4)
+        sp = max(2, triton.next_power_of_2(splits))
+        merge, br = (merge_rows, max(1, min(MERGE_ROWS, MERGE_BLOCK_ELEMS // sp))) if MERGE_BLOCK else (merge_splits, MERGE_ROWS)
+        merge[(kv_heads, -(-rows // br))](mx, l, acc, out, rows, rows, splits, m, *strides, D=d, BLOCK_R=br, SP=sp,
+                                          num_warps=4)
     return out
 
 
