@@ -49,6 +49,7 @@ AB_VARIANTS = (
     ("subset kernel, merge as a loop over rows, slices of >= 512 keys", {},
      {"subset_attention.MERGE_BLOCK": False, "subset_attention.MIN_KEYS_PER_SPLIT": 512}, True),
     ("subset kernel, block merge, slices of >= 512 keys", {}, {"subset_attention.MIN_KEYS_PER_SPLIT": 512}, True),
+    ("subset kernel, block merge, slices of >= 128 keys", {}, {"subset_attention.MIN_KEYS_PER_SPLIT": 128}, True),
 )
 
 
