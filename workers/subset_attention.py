@@ -33,7 +33,8 @@ MERGE_ROWS = 16  # rows per merge program (the block merge: fewer where there ar
 # the merge as one block of rows per program (flash_tile.merge_rows) instead of a loop over them,
 # with slices of >= MIN_KEYS_PER_SPLIT = 256 keys instead of 512 (so 4 slices at 1k keys): faster in
 # all six 1k reuse cells on an H100, 0.3-6.9% (dhd r=.15 at 98%: 9.56 -> 8.90 ms), same-process A/B
-# (benchmarks/results/diag/ab1k_merge_h100_2026-12-07.txt); KVCLUSTER_SUBSET_MERGE_BLOCK=0 /
+# (benchmarks/results/diag/ab1k_merge_h100_2026-12-07.txt, then with 16 rows per merge program; the
+# MERGE_BLOCK_ELEMS cap came next, in the A/B at 4k and the record runs); KVCLUSTER_SUBSET_MERGE_BLOCK=0 /
 # KVCLUSTER_SUBSET_MIN_KEYS_PER_SPLIT=512 give the kernels before
 MERGE_BLOCK = os.environ.get("KVCLUSTER_SUBSET_MERGE_BLOCK", "1") == "1"
 MERGE_BLOCK_ELEMS = 32  # rows x slices per block-merge program (x head size in registers)
