@@ -271,7 +271,7 @@ def test_graph_step_split_key_kernel_matches_matmul_attention():
 @pytest.mark.parametrize("tiling", [(64, 0, False, 512), (32, 1024, False, 512), (16, 1024, False, 512),
                                     (64, 0, True, 512), (64, 0, True, 256)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-# (8, 4, 80, 8192): 14 key slices (16 in the merge), as an 8k upper pass of 80 rows has
+# (8, 4, 80, 8192): 13 key slices (16 in the merge), as an 8k upper pass of 80 rows has
 @pytest.mark.parametrize("kv_heads,g,m,n", [(8, 4, 278, 4096), (2, 4, 37, 700), (1, 1, 5, 130), (2, 2, 300, 2048),
                                             (8, 4, 80, 8192)])
 def test_subset_kernel_matches_dense_softmax(dtype, kv_heads, g, m, n, tiling, monkeypatch):
