@@ -10,6 +10,8 @@ r // m_tokens of the group, token r % m_tokens) goes to h * s_head + (r // m_tok
 (r % m_tokens) * s_token: [Hkv, out_rows, D] or, token-major, [m, H * D] (``out_offset``).
 ``merge_rows`` does the same with a program's rows as one block: one round of loads instead of a
 chain of BLOCK_R (the loop costs ~10 us per layer at 1k keys on an H100, for ~1 MB of data).
+The loop stays for one-token steps (one row per program, where the two are the same) and for the
+A/B of the path before (benchmarks/variants.py); moving decode to merge_rows waits for a GPU test.
 """
 from __future__ import annotations
 

@@ -95,7 +95,7 @@ class LlamaRunner:
         # one-token steps through the split-key Triton kernel (workers/decode_attention.py)
         self.decode_kernel = self.device.type == "cuda" and decode_attention.triton is not None
         # inside graphs, RoPE + K/V write + pre-RoPE keys in one Triton kernel (workers/qkv_write.py):
-        # every 1k reuse cell 3-5% faster on an H100 (benchmarks/results/reuse_gpu_h100.json against
+        # every 1k reuse cell 3-5% faster on an H100 (benchmarks/results/reuse_gpu_h100_qkv_only.json against
         # reuse_gpu_h100_1k_noqkv.json, 2026-12-07); KVCLUSTER_QKV_KERNEL=0 turns it off
         self.qkv_kernel = (self.device.type == "cuda" and qkv_write.supports(spec.head_dim)
                            and os.environ.get("KVCLUSTER_QKV_KERNEL", "1") == "1")

@@ -93,6 +93,13 @@ def block_ends(pos: torch.Tensor, groups: int) -> torch.Tensor:
     return (torch.where(wraps, pos[-1], pos[last % m]) + 1).to(torch.int32)
 
 
+def _merge_kernel(sp: int):
+    """The merge kernel and its rows per program, for ``sp`` slices (padded to a power of two)."""
+    if MERGE_BLOCK:
+        return merge_rows, max(1, min(MERGE_ROWS, MERGE_BLOCK_ELEMS // sp))
+    return merge_splits, MERGE_ROWS
+
+
 def attend_subset(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
                   scale: float, ends: torch.Tensor | None = None, token_major: bool = False) -> torch.Tensor:
     """qf [Hkv, g*m, d] (query heads folded by KV group: row j*m + i is head j's query of token
@@ -125,7 +132,7 @@ def attend_subset(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch
         IEEE=qf.dtype == torch.float32, DIRECT=splits == 1, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if splits > 1:
         sp = max(2, triton.next_power_of_2(splits))
-        merge, br = (merge_rows, max(1, min(MERGE_ROWS, MERGE_BLOCK_ELEMS // sp))) if MERGE_BLOCK else (merge_splits, MERGE_ROWS)
+        merge, br = _merge_kernel(sp)
         merge[(kv_heads, -(-rows // br))](mx, l, acc, out, rows, rows, splits, m, *strides, D=d, BLOCK_R=br, SP=sp,
                                           num_warps=4)
     return out
