@@ -3,6 +3,7 @@
 
     python benchmarks/diag_reuse_profile.py --mode dhd --tokens 8192      # dhd r=.05, 98% reused
     python benchmarks/diag_reuse_profile.py --mode prefix --tokens 8192   # pooled prefix hit
+    python benchmarks/diag_reuse_profile.py --mode prefix_copy --tokens 8192   # prefix hit placed from the tier
     python benchmarks/diag_reuse_profile.py --mode cacheblend --tokens 1024 --reuse 0.9 --phases
 
 Llama-3-8B shape, random bf16 weights, one GPU. Prints the median wall time of the prefill, the
@@ -44,8 +45,8 @@ def setup(n: int, mode: str, reuse: float = 0.98, ratio: float = 0.05):
     ids = torch.randint(0, spec.vocab_size, (n,)).tolist()
     seq, _ = eng.prefill(ids, None, ReuseSettings(mode="full"), keep_segment=True)
     store.put(eng.segment_of(seq, "d"))
-    if mode == "prefix":
-        eng.pool_reuse = True
+    if mode in ("prefix", "prefix_copy"):  # prefix: the prompt's KV left in the pool; copy: placed from the tier
+        eng.pool_reuse = mode == "prefix"
         return eng, ids, ReusePlan(n, [ReuseSpan(0, "d", 0, n)], prefix_len=n), ReuseSettings(mode="prefix")
     eng.pool_reuse = False
     plan, changed = changed_plan(n, reuse, "d")
@@ -233,7 +234,7 @@ def timeline(events, kernels, call, spans, min_us: float = 10.0) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--mode", choices=("dhd", "cacheblend", "prefix"), default="dhd")
+    ap.add_argument("--mode", choices=("dhd", "cacheblend", "prefix", "prefix_copy"), default="dhd")
     ap.add_argument("--reuse", type=float, default=0.98, help="fraction of the prompt reused")
     ap.add_argument("--ratio", type=float, default=0.05, help="recompute ratio r")
     ap.add_argument("--phases", action="store_true", help="also time each phase (synced)")
@@ -252,7 +253,7 @@ def main() -> None:
     for _ in range(3):
         run()
     launch = []
-    if a.mode == "prefix":  # host time from the call to the graph's launch
+    if a.mode.startswith("prefix"):  # host time from the call to the graph's launch
         graph, real = eng._graph, eng._graph.__call__
         class Timed:  # noqa: E306
             def __call__(self, token, position):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 import xxhash
 
-from workers import decode_attention, fused, qkv_write, subset_attention
+from workers import decode_attention, fused, gemv, qkv_write, subset_attention
 from workers.kv_cache import KVCache
 from workers.model_spec import ModelSpec
 from workers.rope import Rope, apply_rope
@@ -99,6 +99,9 @@ class LlamaRunner:
         # reuse_gpu_h100_1k_noqkv.json, 2026-12-07); KVCLUSTER_QKV_KERNEL=0 turns it off
         self.qkv_kernel = (self.device.type == "cuda" and qkv_write.supports(spec.head_dim)
                            and os.environ.get("KVCLUSTER_QKV_KERNEL", "1") == "1")
+        # one-token graph steps: each linear a Triton GEMV with its norm, SiLU x up or residual add
+        # folded in (workers/gemv.py) instead of cuBLAS plus small kernels; KVCLUSTER_GEMV=0: off
+        self.gemv_kernel = self.device.type == "cuda" and gemv.triton is not None and gemv.ENABLED
         self._set_slots()
         self.fingerprint = self._fingerprint()
 
@@ -156,7 +159,13 @@ class LlamaRunner:
         return x if self.reduce is None else self.reduce(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self._one_token_gemv(h, self.lm_head):
+            return gemv.gemv(h, self.lm_head, norm_w=self.final_norm, eps=self.spec.rms_norm_eps)
         return F.linear(self._norm(h, self.final_norm), self.lm_head)
+
+    def _one_token_gemv(self, x: torch.Tensor, w: torch.Tensor) -> bool:
+        """Inside a one-token graph capture, unsharded: the GEMV kernel takes this linear."""
+        return self.gemv_kernel and self._fusing and self.reduce is None and gemv.supports(x, w)
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), w, self.spec.rms_norm_eps)
@@ -290,8 +299,11 @@ class LlamaRunner:
         owns_kv = lw.w_qkv.shape[0] > s.q_size
         if self.qkv_kernel and self._fusing and self.reduce is None and owns_kv:
             slot = self.kv_slot[layer]
-            norm_linear = fused.compiled("norm_linear") if fused.COMPILED_QKV_NORM else fused.norm_linear
-            x = norm_linear(h, lw.attn_norm, lw.w_qkv, lw.b_qkv, s.rms_norm_eps)
+            if self._one_token_gemv(h, lw.w_qkv):
+                x = gemv.gemv(h, lw.w_qkv, norm_w=lw.attn_norm, eps=s.rms_norm_eps, bias=lw.b_qkv)
+            else:
+                norm_linear = fused.compiled("norm_linear") if fused.COMPILED_QKV_NORM else fused.norm_linear
+                x = norm_linear(h, lw.attn_norm, lw.w_qkv, lw.b_qkv, s.rms_norm_eps)
             return qkv_write.write_qkv(x, p.cos, p.sin, p.pos, cache.k[slot], cache.v[slot], s.num_heads,
                                        s.num_kv_heads, None if k_pre_out is None else k_pre_out[slot])
         if self._fusing and self.reduce is None and k_pre_out is None and owns_kv:
@@ -313,6 +325,10 @@ class LlamaRunner:
         q = self.write_kv(layer, h, p, cache, k_pre_out)
         lw, s, slot, n = self.layers[layer], self.spec, self.kv_slot[layer], cache.length
         attn = self.attend(q, cache.k[slot, :, :n], cache.v[slot, :, :n], p)
+        if self._one_token_gemv(attn, lw.w_o):
+            h = gemv.gemv(attn, lw.w_o, residual=h)
+            act = gemv.gemv(h, lw.w_gate_up, norm_w=lw.mlp_norm, eps=s.rms_norm_eps, glu=True)
+            return gemv.gemv(act, lw.w_down, residual=h)
         if self._fusing and self.reduce is None:
             return fused.post_attn(h, attn, lw.w_o, lw.mlp_norm, lw.w_gate_up, lw.w_down, s.rms_norm_eps)
         h = h + self.all_reduce(F.linear(attn, lw.w_o))

@@ -1,0 +1,100 @@
+"""The one-token GEMV kernel (workers/gemv.py) against torch ops: plain, with the RMSNorm
+prologue, the SiLU x up and residual epilogues, a bias, and shapes that do not fill its tiles.
+CUDA only; on a CPU the same tests run in Triton's interpreter with TRITON_INTERPRET=1 (float32)."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from workers import gemv
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(gemv.triton is None or not (torch.cuda.is_available() or INTERPRET),
+                                 reason="needs Triton on CUDA (or its interpreter)")]
+DTYPES = [torch.float32] + ([torch.bfloat16] if DEV == "cuda" else [])
+TILINGS = [None, gemv.DEFAULT_TILING, gemv.GemvTiling(block_n=4, block_k=128, warps=2, stages=3)]  # None: per shape
+
+
+def _reference(x, w, norm_w=None, eps=1e-5, glu=False, residual=None, bias=None):
+    if norm_w is not None:
+        x = F.rms_norm(x, (x.shape[-1],), norm_w, eps)
+    y = F.linear(x, w, bias)
+    if glu:
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up
+    return residual + y if residual is not None else y
+
+
+def _tensors(k, n, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, k, generator=g).to(DEV, dtype)
+    w = (torch.randn(n, k, generator=g) * k ** -0.5).to(DEV, dtype)
+    return x, w, g
+
+
+def _close(got, want, dtype):
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert got.shape == want.shape and got.dtype == want.dtype
+    err = (got.float() - want.float()).abs().max().item()
+    assert err <= tol * max(1.0, want.float().abs().max().item()), err
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tiling", TILINGS)
+@pytest.mark.parametrize("k,n", [(512, 64), (320, 100), (1024, 24)])
+def test_plain_gemv(dtype, tiling, k, n):
+    x, w, _ = _tensors(k, n, dtype)
+    _close(gemv.gemv(x, w, tiling=tiling), _reference(x, w), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tiling", TILINGS)
+def test_norm_glu_matches_norm_linear_silu_mul(dtype, tiling):
+    x, w, g = _tensors(384, 2 * 72, dtype, seed=1)
+    x = x * 3.0  # the norm has something to undo
+    nw = (1 + 0.1 * torch.randn(384, generator=g)).to(DEV, dtype)
+    got = gemv.gemv(x, w, norm_w=nw, eps=1e-5, glu=True, tiling=tiling)
+    _close(got, _reference(x, w, norm_w=nw, glu=True), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_residual_and_bias(dtype):
+    x, w, g = _tensors(256, 96, dtype, seed=2)
+    res = torch.randn(1, 96, generator=g).to(DEV, dtype)
+    b = torch.randn(96, generator=g).to(DEV, dtype)
+    _close(gemv.gemv(x, w, residual=res), _reference(x, w, residual=res), dtype)
+    nw = torch.rand(256, generator=g).to(DEV, dtype) + 0.5
+    _close(gemv.gemv(x, w, norm_w=nw, eps=1e-6, bias=b), _reference(x, w, norm_w=nw, eps=1e-6, bias=b), dtype)
+
+
+def test_glu_with_bias_uses_each_half_of_the_bias():
+    x, w, g = _tensors(128, 2 * 40, torch.float32, seed=3)
+    b = torch.randn(80, generator=g).to(DEV)
+    _close(gemv.gemv(x, w, glu=True, bias=b), _reference(x, w, glu=True, bias=b), torch.float32)
+
+
+def test_shapes_that_do_not_fit_are_refused():
+    x, w, _ = _tensors(128, 33, torch.float32)
+    with pytest.raises(ValueError, match="even row count"):
+        gemv.gemv(x, w, glu=True)
+    with pytest.raises(ValueError, match="residual"):
+        gemv.gemv(x, w, residual=torch.zeros(1, 32, device=DEV))
+    with pytest.raises(ValueError, match="norm weight"):
+        gemv.gemv(x, w, norm_w=torch.ones(64, device=DEV))
+    assert not gemv.supports(torch.zeros(2, 128, device=DEV), w)  # one row only
+
+
+def test_tiling_per_shape():
+    """The measured tilings of the 8B model's linears; one tiling for all when PER_SHAPE is off."""
+    assert gemv.tiling_for(14336, 4096, glu=True).block_n == 16
+    assert gemv.tiling_for(4096, 4096, glu=False).block_n == 4
+    assert gemv.tiling_for(4096, 14336, glu=False).block_k == 1024
+    assert gemv.tiling_for(6144, 4096, glu=False) == gemv.GemvTiling(8, 512, 4, 3)
+    try:
+        gemv.PER_SHAPE = False
+        assert gemv.tiling_for(4096, 4096, glu=False) == gemv.DEFAULT_TILING
+    finally:
+        gemv.PER_SHAPE = True
