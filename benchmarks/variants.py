@@ -55,7 +55,6 @@ AB_VARIANTS = (
     ("GEMV kernel, one tiling for every linear", {}, {"gemv.PER_SHAPE": False}, True),
     ("one-token attention, slices from 128 keys, up to 64", {}, {"decode_attention.MIN_KEYS_PER_SPLIT": 128,
                                                                   "decode_attention.MAX_SPLITS": 64}, True),
-    ("donor KV placed one head per program", {}, {"kv_place.HEADS_PER_PROGRAM": 1}, True),
 )
 
 

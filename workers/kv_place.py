@@ -16,16 +16,11 @@ try:
     import triton
     import triton.language as tl
 
-    from workers.qkv_write import rope_rotate, rope_rows
+    from workers.qkv_write import rope_halves
 except ImportError:  # CPU-only installs: the torch path below
     triton = None
 
-import math
-
-BLOCK_T = 32  # tokens per program; a program moves BLOCK_T rows of HEADS_PER_PROGRAM heads of a layer
-# heads of one layer per program, so each program loads its rows' cos/sin once for all of them
-# (one head per program read the 4 MB table once per head: 8x the L2 traffic at 8k tokens)
-HEADS_PER_PROGRAM = 8
+BLOCK_T = 32  # tokens per program; a program moves BLOCK_T rows of one (layer, head)
 
 
 def place_kv(cache_k: torch.Tensor, cache_v: torch.Tensor, src_k: torch.Tensor, src_v: torch.Tensor,
@@ -55,34 +50,30 @@ if triton is not None:
     @triton.jit
     def _place_kernel(src_k, src_v, dst_k, dst_v, kpre, src_idx, dst_idx, cos, sin, n,
                       sk0, sk1, sk2, sv0, sv1, sv2, dk0, dk1, dk2, dv0, dv1, dv2, kp0, kp1, kp2,
-                      H: tl.constexpr, HPP: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr,
-                      HAS_KPRE: tl.constexpr):
+                      H: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr, HAS_KPRE: tl.constexpr):
         lh = tl.program_id(1).to(tl.int64)
-        layer, head0 = lh // (H // HPP), (lh % (H // HPP)) * HPP
+        layer, head = lh // H, lh % H
         t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         live = t < n
         si = tl.load(src_idx + t, mask=live, other=0).to(tl.int64)
         di = tl.load(dst_idx + t, mask=live, other=0).to(tl.int64)
         d = tl.arange(0, HALF)[None, :]
         rows = live[:, None]
-        c1, c2, s1, s2 = rope_rows(cos, sin, t, rows, HALF)  # once for all the program's heads
-        for j in tl.static_range(HPP):
-            head = head0 + j
-            ks = src_k + layer * sk0 + head * sk1 + si[:, None] * sk2 + d
-            x1 = tl.load(ks, mask=rows, other=0.0)
-            x2 = tl.load(ks + HALF, mask=rows, other=0.0)
-            r1, r2 = rope_rotate(x1, x2, c1, c2, s1, s2)
-            kd = dst_k + layer * dk0 + head * dk1 + di[:, None] * dk2 + d
-            tl.store(kd, r1.to(x1.dtype), mask=rows)
-            tl.store(kd + HALF, r2.to(x1.dtype), mask=rows)
-            if HAS_KPRE:
-                kp = kpre + layer * kp0 + head * kp1 + di[:, None] * kp2 + d
-                tl.store(kp, x1, mask=rows)
-                tl.store(kp + HALF, x2, mask=rows)
-            vs = src_v + layer * sv0 + head * sv1 + si[:, None] * sv2 + d
-            vd = dst_v + layer * dv0 + head * dv1 + di[:, None] * dv2 + d
-            tl.store(vd, tl.load(vs, mask=rows, other=0.0), mask=rows)
-            tl.store(vd + HALF, tl.load(vs + HALF, mask=rows, other=0.0), mask=rows)
+        ks = src_k + layer * sk0 + head * sk1 + si[:, None] * sk2 + d
+        x1 = tl.load(ks, mask=rows, other=0.0)
+        x2 = tl.load(ks + HALF, mask=rows, other=0.0)
+        r1, r2 = rope_halves(x1, x2, cos, sin, t, rows, HALF)
+        kd = dst_k + layer * dk0 + head * dk1 + di[:, None] * dk2 + d
+        tl.store(kd, r1.to(x1.dtype), mask=rows)
+        tl.store(kd + HALF, r2.to(x1.dtype), mask=rows)
+        if HAS_KPRE:
+            kp = kpre + layer * kp0 + head * kp1 + di[:, None] * kp2 + d
+            tl.store(kp, x1, mask=rows)
+            tl.store(kp + HALF, x2, mask=rows)
+        vs = src_v + layer * sv0 + head * sv1 + si[:, None] * sv2 + d
+        vd = dst_v + layer * dv0 + head * dv1 + di[:, None] * dv2 + d
+        tl.store(vd, tl.load(vs, mask=rows, other=0.0), mask=rows)
+        tl.store(vd + HALF, tl.load(vs + HALF, mask=rows, other=0.0), mask=rows)
 
 
 def _place_triton(cache_k, cache_v, src_k, src_v, src_idx, dst_idx, cos, sin, k_pre_out) -> None:
@@ -90,9 +81,8 @@ def _place_triton(cache_k, cache_v, src_k, src_v, src_idx, dst_idx, cos, sin, k_
     n = dst_idx.numel()
     cos, sin = cos.contiguous(), sin.contiguous()
     kp = k_pre_out if k_pre_out is not None else cache_k  # unused unless HAS_KPRE
-    hpp = math.gcd(heads, max(1, HEADS_PER_PROGRAM))
-    grid = (triton.cdiv(n, BLOCK_T), layers * heads // hpp)
+    grid = (triton.cdiv(n, BLOCK_T), layers * heads)
     _place_kernel[grid](src_k, src_v, cache_k, cache_v, kp, src_idx.contiguous(), dst_idx.contiguous(),
                         cos, sin, n, *src_k.stride()[:3], *src_v.stride()[:3], *cache_k.stride()[:3],
-                        *cache_v.stride()[:3], *kp.stride()[:3], H=heads, HPP=hpp, HALF=d // 2, BLOCK=BLOCK_T,
+                        *cache_v.stride()[:3], *kp.stride()[:3], H=heads, HALF=d // 2, BLOCK=BLOCK_T,
                         HAS_KPRE=k_pre_out is not None)

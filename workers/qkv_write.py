@@ -62,22 +62,12 @@ if triton is not None:
     def rope_halves(x1, x2, cos, sin, t, rows, HALF: tl.constexpr):
         """(first, second) half of x rotated by the cos/sin rows t ([BLOCK, 2*HALF] tables),
         Hugging Face's rotate-half layout, in float32."""
-        c1, c2, s1, s2 = rope_rows(cos, sin, t, rows, HALF)
-        return rope_rotate(x1, x2, c1, c2, s1, s2)
-
-    @triton.jit
-    def rope_rows(cos, sin, t, rows, HALF: tl.constexpr):
-        """The cos/sin rows t of [*, 2*HALF] tables, by half, in float32."""
         d = tl.arange(0, HALF)[None, :]
         cs = t.to(tl.int64)[:, None] * (2 * HALF) + d
         c1 = tl.load(cos + cs, mask=rows, other=0.0).to(tl.float32)
         c2 = tl.load(cos + cs + HALF, mask=rows, other=0.0).to(tl.float32)
         s1 = tl.load(sin + cs, mask=rows, other=0.0).to(tl.float32)
         s2 = tl.load(sin + cs + HALF, mask=rows, other=0.0).to(tl.float32)
-        return c1, c2, s1, s2
-
-    @triton.jit
-    def rope_rotate(x1, x2, c1, c2, s1, s2):
         f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
         return f1 * c1 - f2 * s1, f2 * c2 + f1 * s2
 
