@@ -154,9 +154,10 @@ def decode_ms(engine: ReuseEngine, ids: list[int], plan: ReusePlan, steps: int =
 def engine_settings(runner, variant: str = "default") -> dict:
     """The kernel paths and tilings this run used (several are switched by KVCLUSTER_* variables
     or --variant)."""
-    from workers import cuda_graph, fused, subset_attention
+    from workers import cuda_graph, fused, gemv, subset_attention
     return {"variant": variant, "subset_kernel": runner.subset_kernel, "qkv_kernel": runner.qkv_kernel,
-            "decode_kernel": runner.decode_kernel, "fused": fused.ENABLED,
+            "decode_kernel": runner.decode_kernel, "gemv_kernel": runner.gemv_kernel,
+            "gemv_per_shape": gemv.PER_SHAPE, "fused": fused.ENABLED,
             "addmm_residual": fused.ADDMM_RESIDUAL, "silu_kernel": fused.SILU_KERNEL,
             "compiled_qkv_norm": fused.COMPILED_QKV_NORM,
             "subset_tiling": subset_attention.settings(), "m_buckets": list(cuda_graph.M_BUCKETS)}
