@@ -10,6 +10,11 @@ against a 39 us weight read, benchmarks/results/diag/matmul_autotune_h100_2026-1
 each way with ``allow_bf16_reduced_precision_reduction`` off, which changes which split-K kernels
 cuBLAS may use. Each call includes the residual add (o, down) as the engine does; timed inside a
 CUDA graph with several copies of each weight cycled so L2 does not hold them.
+
+Not run yet: written 2026-12-07 when no GPU could be had for the rest of the session. An engine
+option to flip chosen linears was written with it and taken out again, unmeasured; if a flipped
+down or gate/up projection wins here for 80-240 rows, ``workers/fused.py``'s linears of short
+graphed passes are where it would go (``h + torch.mm(w, x.t()).t()``).
 """
 from __future__ import annotations
 

@@ -55,10 +55,6 @@ AB_VARIANTS = (
     ("GEMV kernel, one tiling for every linear", {}, {"gemv.PER_SHAPE": False}, True),
     ("one-token attention, slices from 128 keys, up to 64", {}, {"decode_attention.MIN_KEYS_PER_SPLIT": 128,
                                                                   "decode_attention.MAX_SPLITS": 64}, True),
-    # cuBLAS asked for (w @ x.T).T in passes of <= 256 rows (benchmarks/diag_linear_orientation.py)
-    ("down projection flipped", {}, {"fused.FLIP": frozenset({"down"})}, True),
-    ("down and gate/up flipped", {}, {"fused.FLIP": frozenset({"down", "gate_up"})}, True),
-    ("every linear flipped", {}, {"fused.FLIP": frozenset({"qkv", "o", "down", "gate_up"})}, True),
 )
 
 

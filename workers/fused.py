@@ -29,21 +29,6 @@ ADDMM_RESIDUAL = os.environ.get("KVCLUSTER_ADDMM_RESIDUAL", "0") == "1"
 # KVCLUSTER_COMPILED_QKV_NORM=0 turn them off
 SILU_KERNEL = os.environ.get("KVCLUSTER_SILU_KERNEL", "1") == "1"
 COMPILED_QKV_NORM = os.environ.get("KVCLUSTER_COMPILED_QKV_NORM", "1") == "1"
-# linears ("qkv", "o", "gate_up", "down") of passes of at most FLIP_MAX_ROWS rows asked of cuBLAS as
-# (w @ x.T).T: the same product, but cuBLAS picks its kernel by shape
-# (benchmarks/diag_linear_orientation.py); KVCLUSTER_FLIP_LINEARS=down,gate_up
-FLIP = frozenset(n for n in os.environ.get("KVCLUSTER_FLIP_LINEARS", "").split(",") if n)
-FLIP_MAX_ROWS = 256
-
-
-def flipped(name: str, rows: int) -> bool:
-    return name in FLIP and rows <= FLIP_MAX_ROWS
-
-
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, flip: bool = False) -> torch.Tensor:
-    if flip and b is None:
-        return torch.mm(w, x.t()).t()
-    return F.linear(x, w, b)
 
 
 def _pre_attn(h: torch.Tensor, norm_w: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor | None,
@@ -56,40 +41,34 @@ def _pre_attn(h: torch.Tensor, norm_w: torch.Tensor, w_qkv: torch.Tensor, b_qkv:
 
 
 def _post_attn(h: torch.Tensor, attn: torch.Tensor, w_o: torch.Tensor, norm_w: torch.Tensor,
-               w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float, flip_o: bool = False,
-               flip_gate_up: bool = False, flip_down: bool = False) -> torch.Tensor:
-    h, gate_up = _post_attn_up(h, attn, w_o, norm_w, w_gate_up, eps, flip_o, flip_gate_up)
+               w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float) -> torch.Tensor:
+    h, gate_up = _post_attn_up(h, attn, w_o, norm_w, w_gate_up, eps)
     gate, up = gate_up.chunk(2, dim=-1)
-    return _down_residual(h, F.silu(gate) * up, w_down, flip_down)
+    return _down_residual(h, F.silu(gate) * up, w_down)
 
 
 def _post_attn_up(h: torch.Tensor, attn: torch.Tensor, w_o: torch.Tensor, norm_w: torch.Tensor,
-                  w_gate_up: torch.Tensor, eps: float, flip_o: bool = False,
-                  flip_gate_up: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    h = h + linear(attn, w_o, flip=flip_o)
-    return h, linear(F.rms_norm(h, (h.shape[-1],), norm_w, eps), w_gate_up, flip=flip_gate_up)
+                  w_gate_up: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    h = h + F.linear(attn, w_o)
+    return h, F.linear(F.rms_norm(h, (h.shape[-1],), norm_w, eps), w_gate_up)
 
 
 def post_attn(h: torch.Tensor, attn: torch.Tensor, w_o: torch.Tensor, norm_w: torch.Tensor,
               w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float) -> torch.Tensor:
     """The layer after attention: o projection, residual, norm, SwiGLU MLP, residual (compiled)."""
-    m = h.shape[0]
-    flips = (flipped("o", m), flipped("gate_up", m))
     if not (SILU_KERNEL and swiglu.supports(h)):
-        return compiled("post")(h, attn, w_o, norm_w, w_gate_up, w_down, eps, *flips, flipped("down", m))
-    h, gate_up = compiled("post_up")(h, attn, w_o, norm_w, w_gate_up, eps, *flips)
-    return _down_residual(h, swiglu.silu_mul(gate_up), w_down, flipped("down", m))
+        return compiled("post")(h, attn, w_o, norm_w, w_gate_up, w_down, eps)
+    h, gate_up = compiled("post_up")(h, attn, w_o, norm_w, w_gate_up, eps)
+    return _down_residual(h, swiglu.silu_mul(gate_up), w_down)
 
 
-def _down_residual(h: torch.Tensor, act: torch.Tensor, w_down: torch.Tensor, flip: bool = False) -> torch.Tensor:
-    if ADDMM_RESIDUAL and not flip:
-        return torch.addmm(h, act, w_down.t())
-    return h + linear(act, w_down, flip=flip)
+def _down_residual(h: torch.Tensor, act: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    return torch.addmm(h, act, w_down.t()) if ADDMM_RESIDUAL else h + F.linear(act, w_down)
 
 
 def norm_linear(h: torch.Tensor, norm_w: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-                eps: float, flip: bool = False) -> torch.Tensor:
-    return linear(F.rms_norm(h, (h.shape[-1],), norm_w, eps), w, b, flip)
+                eps: float) -> torch.Tensor:
+    return F.linear(F.rms_norm(h, (h.shape[-1],), norm_w, eps), w, b)
 
 
 def attend_one(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,

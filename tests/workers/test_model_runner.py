@@ -113,24 +113,3 @@ def test_by_position_block_mask_matches_brute_force():
         assert not (got_full & got_part).any()
         assert torch.equal(got_full | got_part, any_), (m, n)
         assert not (got_full & ~full).any(), (m, n)  # a block marked full must be wholly allowed
-
-
-def test_flipped_linear_is_the_same_product():
-    """fused.linear asked as (w @ x.T).T (a cuBLAS orientation choice) gives F.linear's result, and
-    the fused down projection + residual likewise; only passes of up to FLIP_MAX_ROWS rows flip."""
-    import torch.nn.functional as F
-
-    from workers import fused
-    g = torch.Generator().manual_seed(0)
-    x, w, h = torch.randn(40, 64, generator=g), torch.randn(96, 64, generator=g), torch.randn(40, 96, generator=g)
-    assert torch.allclose(fused.linear(x, w, flip=True), F.linear(x, w), atol=1e-5)
-    assert torch.allclose(fused._down_residual(h, x, w, flip=True), h + F.linear(x, w), atol=1e-5)
-    b = torch.randn(96, generator=g)
-    assert torch.allclose(fused.linear(x, w, b, flip=True), F.linear(x, w, b), atol=1e-5)  # bias: not flipped
-    saved = fused.FLIP
-    try:
-        fused.FLIP = frozenset({"down"})
-        assert fused.flipped("down", fused.FLIP_MAX_ROWS) and not fused.flipped("down", fused.FLIP_MAX_ROWS + 1)
-        assert not fused.flipped("o", 16)
-    finally:
-        fused.FLIP = saved
