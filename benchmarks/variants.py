@@ -50,7 +50,7 @@ AB_VARIANTS = (
      {"subset_attention.MERGE_BLOCK": False, "subset_attention.MIN_KEYS_PER_SPLIT": 512}, True),
     ("subset kernel, block merge, slices of >= 512 keys", {}, {"subset_attention.MIN_KEYS_PER_SPLIT": 512}, True),
     ("subset kernel, block merge, slices of >= 128 keys", {}, {"subset_attention.MIN_KEYS_PER_SPLIT": 128}, True),
-    # the one-token GEMV kernel (workers/gemv.py) is the default since 2026-12-07 evening: the path before
+    # the one-token GEMV kernel (workers/gemv.py) is the default since 2026-12-07 (11:40 UTC): the path before
     ("one-token steps through cuBLAS + small kernels (no GEMV kernel)", {"gemv_kernel": False}, {}, True),
     ("GEMV kernel, one tiling for every linear", {}, {"gemv.PER_SHAPE": False}, True),
     ("one-token attention, slices from 128 keys, up to 64", {}, {"decode_attention.MIN_KEYS_PER_SPLIT": 128,
