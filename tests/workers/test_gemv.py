@@ -98,3 +98,15 @@ def test_tiling_per_shape():
         assert gemv.tiling_for(4096, 4096, glu=False) == gemv.DEFAULT_TILING
     finally:
         gemv.PER_SHAPE = True
+
+
+@pytest.mark.parametrize("k,n,norm,glu,res", [(576, 2 * 1536, True, True, False), (1536, 576, False, False, True),
+                                              (576, 960, True, False, False)])
+def test_smollm2_shapes(k, n, norm, glu, res):
+    """SmolLM2-135M's linears (hidden 576, not a multiple of the K slices; intermediate 1536), with
+    the per-shape tiling the engine picks."""
+    x, w, g = _tensors(k, n, torch.float32, seed=4)
+    nw = (torch.rand(k, generator=g) + 0.5).to(DEV) if norm else None
+    h = torch.randn(1, n // 2 if glu else n, generator=g).to(DEV) if res else None
+    got = gemv.gemv(x, w, norm_w=nw, eps=1e-5, glu=glu, residual=h)
+    _close(got, _reference(x, w, norm_w=nw, glu=glu, residual=h), torch.float32)
