@@ -11,10 +11,11 @@ each way with ``allow_bf16_reduced_precision_reduction`` off, which changes whic
 cuBLAS may use. Each call includes the residual add (o, down) as the engine does; timed inside a
 CUDA graph with several copies of each weight cycled so L2 does not hold them.
 
-Not run yet: written 2026-12-07 when no GPU could be had for the rest of the session. An engine
-option to flip chosen linears was written with it and taken out again, unmeasured; if a flipped
-down or gate/up projection wins here for 80-240 rows, ``workers/fused.py``'s linears of short
-graphed passes are where it would go (``h + torch.mm(w, x.t()).t()``).
+Answer on an H100 (benchmarks/results/diag/linear_orientation_h100_2026-12-07.txt): no. Flipped,
+o and down are slower at every row count from 80 to 256 (down at 240 rows 62.6 -> 68.4 us),
+gate/up the same, q/k/v faster only at 176 rows (25.8 -> 22.8 us); the bf16 reduction setting
+changes nothing. The down projection flipped in the engine was slower too, 10.00 -> 10.23 ms for
+dhd r = .15 at 90% of 1k (diag/ab1k_flipdown_h100_2026-12-07.txt): the engine keeps F.linear.
 """
 from __future__ import annotations
 
