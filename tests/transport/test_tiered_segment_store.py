@@ -40,6 +40,24 @@ def test_put_get_round_trip(n_tokens, redis_tier):
     fresh.store.close()
 
 
+@pytest.mark.parametrize("with_gpu_tier", [False, True])
+def test_manifest_survives_a_device_verifying_host_tier(with_gpu_tier):
+    """As on a GPU machine, where the host tier records device checksums of every block it
+    stores: the segment's manifest is not a block and must be kept, not dropped as corrupt (it
+    was, and no worker on a GPU ever found a segment it had stored). The manifest is read before
+    any background write has run."""
+    host = HostTier(8 << 20, pin=False, device_verify=True)
+    store = TieredStore(GPUTier(8 << 20, device="cpu") if with_gpu_tier else None, host)
+    segs = TieredSegmentStore(store, "fp", block_tokens=64)
+    seg = _segment(150)
+    segs.put(seg)
+    assert segs._manifest("s1") is not None and host.stats.corrupt == 0
+    store.flush(10)
+    got = segs.get("s1")
+    assert got is not None and torch.equal(got.keys, seg.keys) and host.stats.corrupt == 0
+    store.close()
+
+
 def test_missing_or_corrupt_block_gives_none():
     store = TieredStore(None, HostTier(8 << 20))
     segs = TieredSegmentStore(store, "fp")

@@ -104,7 +104,7 @@ class HostTier:
             del self._slots[key]
             self._pool.release(slot)
 
-    def _put(self, key: str, parts: Sequence[memoryview]) -> None:
+    def _put(self, key: str, parts: Sequence[memoryview], block: bool = True) -> None:
         n = sum(p.nbytes for p in parts)
         if n > self._lru.budget or n > self.max_block_bytes:
             self.stats.dropped_writes += 1
@@ -126,7 +126,7 @@ class HostTier:
                 join_parts(parts, out=memoryview(slot.view))
                 buf = slot.view
             dsum = None
-            if self.device_verify:
+            if self.device_verify and block:
                 dsum = self._device_checksums(buf)
                 if dsum is None:
                     if slot is not None:
@@ -156,9 +156,16 @@ class HostTier:
             self._put(key, encode_block(blk))
 
     def put_encoded_many(self, items: Sequence[tuple[str, object]]) -> None:
-        """Store already encoded buffers (bytes, bytearray, memoryview) as they are."""
+        """Store already encoded blocks (bytes, bytearray, memoryview) as they are."""
         for key, buf in items:
             self._put(key, [memoryview(buf).cast("B")])
+
+    def put_records(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """Store small opaque records (segment manifests, checked by their reader): not KV
+        blocks, so never decoded for device checksums (with ``device_verify`` a record that is
+        not a block would be dropped as corrupt)."""
+        for key, buf in items:
+            self._put(key, [memoryview(buf).cast("B")], block=False)
 
     def _raw(self, key: str) -> memoryview | None:
         e = self._lru.get(key)

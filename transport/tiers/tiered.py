@@ -141,7 +141,7 @@ class TieredStore:
     # -- small opaque records (segment manifests): host tier and Redis, no GPU -----------------
     def put_record(self, key: str, data: bytes) -> None:
         if self.host is not None:
-            self.host.put_encoded_many([(key, data)])
+            self.host.put_records([(key, data)])
         self._enqueue(key, bytes(data))
 
     def get_record(self, key: str) -> bytes | None:
@@ -158,7 +158,7 @@ class TieredStore:
         if raw is None and self.redis is not None:
             raw = self.redis.get_encoded_many([key])[0]
         if raw is not None and self.host is not None:
-            self.host.put_encoded_many([(key, bytes(raw))])
+            self.host.put_records([(key, bytes(raw))])
         return None if raw is None else bytes(raw)
 
     # -- writes ----------------------------------------------------------------------------------
