@@ -37,6 +37,9 @@ class ModelConfig(_Section):
     kv_sharing_strategy: str | None = None  # a KVSharer strategy JSON file
     # > 1: each worker is a group of this many Ray actors, one tensor-parallel shard each (Ray only)
     tensor_parallel_size: int = Field(default=1, ge=1)
+    # on CUDA: a static KV pool of this many tokens, over which one-token steps and short passes
+    # replay as CUDA graphs (longer prompts run eager); 0 = always eager
+    cuda_graph_tokens: int = Field(default=8192, ge=0)
 
 
 class ReuseConfig(_Section):

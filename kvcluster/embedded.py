@@ -68,7 +68,8 @@ class EmbeddedCluster:
         self._lock = threading.Lock()  # the engine, the store, and lookup + write-back with them
         self._tok_lock = threading.Lock()
         self._closed = False
-        self.engine = ReuseEngine(runner, self.store, self.settings, max_context=cfg.model.max_context)
+        self.engine = ReuseEngine(runner, self.store, self.settings, max_context=cfg.model.max_context,
+                                  static_tokens=cfg.model.cuda_graph_tokens)
         self.max_context: int = self.engine.max_context
         self.index = self._open_index(embedder)
         self._warm_up()

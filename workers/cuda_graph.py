@@ -40,7 +40,9 @@ def attending_over(pool: KVCache, keys: int):
 
 def capture(runner: LlamaRunner, body: Callable[[], torch.Tensor], mempool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """Warm ``body`` up twice on a side stream (compiles the fused pieces), then capture it with
-    fusion on, in ``mempool`` (shared: an engine's graphs never run at once)."""
+    fusion on, in ``mempool`` (shared: an engine's graphs never run at once). Errors are checked
+    for this thread only: a worker's other threads (donor fetches onto the GPU) may launch work
+    while a graph is captured, and in the default global mode that would fail the capture."""
     dev = runner.device
     side = torch.cuda.Stream(dev)
     side.wait_stream(torch.cuda.current_stream(dev))
@@ -49,7 +51,7 @@ def capture(runner: LlamaRunner, body: Callable[[], torch.Tensor], mempool) -> t
             body()
     torch.cuda.current_stream(dev).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with runner.fusing(), torch.cuda.graph(graph, pool=mempool):
+    with runner.fusing(), torch.cuda.graph(graph, pool=mempool, capture_error_mode="thread_local"):
         out = body()
     return graph, out
 

@@ -113,8 +113,9 @@ class ReuseEngine:
     def __init__(self, runner: LlamaRunner, store: SegmentStore | None = None,
                  settings: ReuseSettings = ReuseSettings(), max_context: int | None = None,
                  static_tokens: int | None = None) -> None:
-        """``static_tokens``: on CUDA, keep one KV pool of that many tokens and run one-token
-        passes (prefix-hit suffixes, decode steps) as a replayed CUDA graph over it."""
+        """``static_tokens``: on CUDA, keep one KV pool of that many tokens (at most the context)
+        and run one-token passes (prefix-hit suffixes, decode steps) and short passes as replayed
+        CUDA graphs over it; a prompt that does not fit runs eager in a cache of its own."""
         settings.validate(runner.spec.num_layers)
         self.runner = runner
         self.store = store
@@ -128,6 +129,7 @@ class ReuseEngine:
         self._k_pre_pool: torch.Tensor | None = None  # pre-RoPE keys of the pooled prompt (static)
         self.pool_reuse = True  # a pooled prompt's exact prefix left in the pool is reused in place
         if static_tokens and runner.device.type == "cuda":
+            static_tokens = min(static_tokens, self.max_context)
             from workers.cuda_graph import GraphedLayers, GraphedStep
             from workers.graphed_check import CheckGraphs
             # + the graph's reserved slot, rounded so attention rows stay aligned
@@ -233,14 +235,16 @@ class ReuseEngine:
     # ---- prefill ----------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, token_ids, plan: ReusePlan | None = None, settings: ReuseSettings | None = None,
-                max_tokens: int = 0, keep_segment: bool = True) -> tuple[Sequence, torch.Tensor]:
-        """Returns the sequence state and the logits of the last prompt token."""
+                max_tokens: int = 0, keep_segment: bool = True, pooled: bool = True) -> tuple[Sequence, torch.Tensor]:
+        """Returns the sequence state and the logits of the last prompt token. ``pooled=False``
+        keeps the sequence out of the static CUDA-graph pool (a caller whose sequences overlap in
+        time: the pool holds one at a time)."""
         st = settings or self.settings
         st.validate(self.runner.spec.num_layers)
         t0 = time.perf_counter()
         arr = self.prompt_array(token_ids, max_tokens)
         r, n = self.runner, len(arr)
-        if self._pool is not None and n + max_tokens < self._pool.capacity:
+        if pooled and self._pool is not None and n + max_tokens < self._pool.capacity:
             cache = self._pool  # the previous pooled sequence is finished by now
         else:
             cache = r.new_cache(n + max_tokens)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -84,7 +85,7 @@ class LlamaRunner:
         # and only inside CUDA-graph captures (``fusing``), where its ~0.4 ms of Python per call
         # (guards on dynamic shapes) is paid once at capture instead of on every pass
         self.fuse = self.device.type == "cuda" and fused.ENABLED
-        self._fusing = False
+        self._fusing_in = threading.local()  # per thread: a worker captures while others run eager
         # one-token graph steps through FlexAttention's decoder: measured equal to batched matmuls
         # (0.85 vs 0.88 ms of attention per 8k-token step), so off; kept, tested, for longer contexts
         self.flex_decode = False
@@ -149,11 +150,24 @@ class LlamaRunner:
 
     @contextmanager
     def fusing(self):
-        saved, self._fusing = self._fusing, self.fuse
+        saved, self._fusing_in.on = self._fusing, self.fuse
         try:
             yield
         finally:
-            self._fusing = saved
+            self._fusing_in.on = saved
+
+    @property
+    def _fusing(self) -> bool:
+        return getattr(self._fusing_in, "on", False)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_fusing_in")  # thread-local state does not pickle
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._fusing_in = threading.local()
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.reduce is None else self.reduce(x)

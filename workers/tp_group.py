@@ -76,6 +76,8 @@ class TPWorker(Worker):
         t = int(tp_size if tp_size is not None else opts.tensor_parallel_size)
         if getattr(opts, "batching", False):  # the batcher's paged decode is not TP-aware, nor in lock step
             opts = replace(opts, batching=False)
+        if opts.cuda_graph_tokens:  # graphs around the collectives are not verified on several GPUs
+            opts = replace(opts, cuda_graph_tokens=0)
         self.tp_rank, self.tp_size = rank, t
         if opts.num_threads:
             torch.set_num_threads(opts.num_threads)

@@ -89,6 +89,7 @@ class WorkerOptions:
     kv_pool_bytes: int = 512 << 20  # the paged KV pool (K and V) the batch shares
     kv_block_size: int = 16  # tokens per paged KV block
     tensor_parallel_size: int = 1  # > 1: the worker is a group of shards (workers/tp_group.py)
+    cuda_graph_tokens: int = 8192  # on CUDA: static KV pool + CUDA-graph replay up to this length; 0 = eager
 
     @classmethod
     def coerce(cls, options: "WorkerOptions | dict | None") -> "WorkerOptions":
@@ -115,7 +116,8 @@ class WorkerOptions:
                    block_tokens=t.block_tokens, gpu_bytes=t.gpu_bytes, host_bytes=t.host_bytes,
                    redis_url=t.redis_url, redis_prefix=t.redis_prefix, redis_ttl_s=t.redis_ttl_s,
                    max_block_bytes=t.max_block_bytes,
-                   tensor_parallel_size=getattr(m, "tensor_parallel_size", 1))
+                   tensor_parallel_size=getattr(m, "tensor_parallel_size", 1),
+                   cuda_graph_tokens=getattr(m, "cuda_graph_tokens", 8192))
         c = getattr(cfg, "cluster", None)
         for k in ("batching", "max_batch", "kv_pool_bytes", "kv_block_size"):
             if hasattr(c, k):
@@ -167,6 +169,8 @@ class Worker:
         self.options = opts = WorkerOptions.coerce(options)
         if opts.channel not in CHANNELS:
             raise InvalidParameterError(f"channel must be one of {CHANNELS}, got {opts.channel!r}")
+        if not _is_int(opts.cuda_graph_tokens) or opts.cuda_graph_tokens < 0:
+            raise InvalidParameterError(f"cuda_graph_tokens must be an int >= 0, got {opts.cuda_graph_tokens!r}")
         if opts.num_threads:
             torch.set_num_threads(opts.num_threads)
         t0 = time.perf_counter()
@@ -181,7 +185,8 @@ class Worker:
         self.tiers = self._make_tiers(opts)
         self.segments = TieredSegmentStore(self.tiers, self.fingerprint, opts.block_tokens)
         settings = ReuseSettings(**opts.reuse) if opts.reuse else ReuseSettings()
-        self.engine = ReuseEngine(runner, _StoreView(self), settings, max_context=opts.max_context)
+        self.engine = ReuseEngine(runner, _StoreView(self), settings, max_context=opts.max_context,
+                                  static_tokens=opts.cuda_graph_tokens)
         self._lock = threading.Lock()  # one sequence at a time on the engine (unbatched path)
         self._count_lock = threading.Lock()
         self._ctx = threading.local()  # per request: donor locations, prefetched segments, transfer stats
@@ -384,15 +389,18 @@ class Worker:
             self.engine.check_prompt(ids, max_tokens)
             plan, fetch = self._prepare(req)
             keep = req["segment_id"] is not None
+            pooled = self._batcher is None  # else the batcher's thread owns the engine's graph pool
             fallback = None
             try:
                 try:
-                    seq, logits = self.engine.prefill(ids, plan, settings, max_tokens, keep_segment=keep)
+                    seq, logits = self.engine.prefill(ids, plan, settings, max_tokens, keep_segment=keep,
+                                                      pooled=pooled)
                 except DonorKVError as e:
                     fallback = f"{type(e).__name__}: {e}"
                     log.warning("request %s: donor KV unusable (%s); recomputing in full", rid, fallback)
                     self.counters["fallbacks"] += 1
-                    seq, logits = self.engine.prefill(ids, None, settings, max_tokens, keep_segment=keep)
+                    seq, logits = self.engine.prefill(ids, None, settings, max_tokens, keep_segment=keep,
+                                                      pooled=pooled)
             finally:
                 self._ctx.prefetched = None
             c = self.counters

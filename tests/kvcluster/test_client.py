@@ -104,6 +104,7 @@ def test_valid_request_is_normalised():
     ({"index": {"top_k": 0}}, "index.top_k"),
     ({"serve": {"max_tokens_limit": "lots"}}, "serve.max_tokens_limit"),
     ({"modle": {}}, "modle"),
+    ({"model": {"cuda_graph_tokens": -1}}, "model.cuda_graph_tokens"),
 ])
 def test_malformed_config_names_the_key(config, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -436,3 +436,45 @@ def test_ray_worker_actor_batches_two_concurrent_requests():
         assert ray.get(w.stats.remote())["batching"]["blocks_free"] == snap["blocks_total"]
     finally:
         ray.shutdown()
+
+
+# ---- the CUDA-graph pool option (its CUDA behaviour: tests/workers/test_worker_cuda_graphs.py) ----
+def test_cuda_graph_tokens_comes_from_config_and_env_and_is_checked(monkeypatch):
+    from kvcluster.config import load_config
+    from workers.errors import InvalidParameterError
+    from workers.worker_actor import Worker, WorkerOptions
+    assert WorkerOptions.from_config(load_config()).cuda_graph_tokens == 8192
+    monkeypatch.setenv("KVCLUSTER_MODEL__CUDA_GRAPH_TOKENS", "0")
+    assert WorkerOptions.from_config(load_config()).cuda_graph_tokens == 0
+    with pytest.raises(InvalidParameterError, match="cuda_graph_tokens"):
+        Worker("w", {"cuda_graph_tokens": -5, "channel": "inproc", "batching": False}, runner=tiny())
+    w = Worker("w", {"channel": "inproc", "batching": False}, runner=tiny())  # on CPU: no pool, eager
+    try:
+        assert w.engine._pool is None and w.options.cuda_graph_tokens == 8192
+    finally:
+        w.shutdown()
+
+
+def test_fusing_is_per_thread_and_the_runner_still_pickles():
+    import copy
+    import pickle
+    r = tiny()
+    r.fuse = True  # as on CUDA
+    seen = {}
+    inside, done = threading.Event(), threading.Event()
+
+    def capture_thread():
+        with r.fusing():
+            seen["capturing"] = r._fusing
+            inside.set()
+            done.wait(10)
+
+    t = threading.Thread(target=capture_thread)
+    t.start()
+    inside.wait(10)
+    seen["other"] = r._fusing  # another thread, running eager meanwhile
+    done.set()
+    t.join()
+    assert seen == {"capturing": True, "other": False} and not r._fusing
+    for twin in (copy.copy(r), pickle.loads(pickle.dumps(r))):
+        assert not twin._fusing and twin.spec == r.spec

@@ -1,0 +1,140 @@
+"""The worker on CUDA runs its engine over a static KV pool with CUDA-graph replay
+(``cuda_graph_tokens`` > 0, the default) and gives the tokens and reuse counts of the eager engine
+(``cuda_graph_tokens=0``): unbatched and batched; full, prefix, naive, cacheblend and dhd (whose
+DHD decode recomputation decodes alone, off the pool); a prompt longer than the pool; concurrent
+requests, with one too large for the batcher's paged pool taking the unbatched path beside it.
+Skipped without a GPU; run on a GPU machine with `pytest tests/workers/test_worker_cuda_graphs.py`."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from index_service.align import align
+from workers.model_loader import random_runner
+from workers.model_spec import ModelSpec
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+SPEC = ModelSpec(vocab_size=1000, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2,
+                 head_dim=32, intermediate_size=512, max_position=4096)
+POOL = 512  # graph pool tokens of the graphed worker; the 700-token prompt does not fit it
+
+
+def _worker(name: str, graph_tokens: int, batching: bool, **kw):
+    from workers.worker_actor import Worker
+    r = random_runner(SPEC, "cuda", torch.float32, seed=3, std=0.1)
+    opts = dict(channel="inproc", host_bytes=64 << 20, gpu_bytes=64 << 20, batching=batching,
+                cuda_graph_tokens=graph_tokens, **kw)
+    return Worker(name, opts, runner=r)
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return torch.randint(2, SPEC.vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _wire(plan) -> dict:
+    return {"n_tokens": plan.n_tokens, "prefix_len": plan.prefix_len, "source": plan.source,
+            "spans": [[s.new_start, s.donor_id, s.donor_start, s.length] for s in plan.spans]}
+
+
+def _requests() -> list[dict]:
+    """A donor written as a segment, then prompts reusing it in every mode, then a long prompt."""
+    doc = _ids(300, 1)
+    reordered = doc[150:] + _ids(20, 2) + doc[:150] + _ids(9, 3)
+    prefixed = doc[:260] + _ids(30, 4)
+    reqs = [{"request_id": "donor", "token_ids": doc, "max_tokens": 12, "mode": "full", "segment_id": "doc"}]
+    for i, (prompt, mode) in enumerate([(reordered, "dhd"), (reordered, "cacheblend"), (reordered, "naive"),
+                                        (prefixed, "prefix"), (prefixed, "dhd")]):
+        reqs.append({"request_id": f"r{i}", "token_ids": prompt, "max_tokens": 12, "mode": mode,
+                     "plan": _wire(align(prompt, [("doc", doc)]))})
+    reqs.append({"request_id": "long", "token_ids": _ids(700, 5), "max_tokens": 6, "mode": "full"})
+    return reqs
+
+
+def _same(got: dict, want: dict) -> None:
+    assert got["token_ids"] == want["token_ids"], got["prefill"]
+    for k in ("prompt_tokens", "reused_tokens", "recomputed_tokens", "cached_tokens"):
+        assert got["prefill"][k] == want["prefill"][k], k
+
+
+@pytest.mark.parametrize("batching", [False, True])
+def test_graphed_worker_gives_the_eager_tokens_in_every_mode(batching):
+    eager = _worker("eager", 0, batching)
+    graphed = _worker("graphed", POOL, batching)
+    try:
+        assert eager.engine._pool is None and graphed.engine._pool is not None
+        for req in _requests():
+            want, got = eager.generate(dict(req)), graphed.generate(dict(req))
+            _same(got, want)
+            if req["request_id"] == "r0":  # dhd reuses and recomputes, and decode recomputes too
+                assert 0 < got["prefill"]["recomputed_tokens"] < got["prefill"]["reused_tokens"]
+                assert got["done"]["decode_recomputed"] == want["done"]["decode_recomputed"] > 0
+        assert graphed.engine._graph.graphs, "the one-token step never ran as a graph"
+        if batching:
+            b = graphed.stats()["batching"]
+            assert b["blocks_free"] == b["blocks_total"]
+    finally:
+        eager.shutdown()
+        graphed.shutdown()
+
+
+def test_concurrent_requests_beside_an_unbatched_one_share_the_pool_safely():
+    """Four reuse requests meet in the batcher (whose thread owns the graph pool) while a request
+    too large for the paged pool runs unbatched in its own cache at the same time."""
+    eager = _worker("eager", 0, False)
+    graphed = _worker("graphed", POOL, True, kv_pool_bytes=2 << 20)  # room for ~1k tokens
+    try:
+        reqs = _requests()
+        for w in (eager, graphed):
+            w.generate(dict(reqs[0]))  # the donor segment
+        calls = reqs[1:5] + [dict(reqs[-1], request_id="big", token_ids=_ids(1500, 6), max_tokens=20)]
+        want = [eager.generate(dict(q)) for q in calls]
+        assert not graphed._batcher.fits(1500, 20)
+        got: dict[int, dict] = {}
+        go = threading.Barrier(len(calls))
+
+        def call(i):
+            go.wait()
+            got[i] = graphed.generate(dict(calls[i]))
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(calls))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        for i, w in enumerate(want):
+            _same(got[i], w)
+        assert graphed.stats()["batching"]["prefills"] == 5  # the donor and the four
+    finally:
+        eager.shutdown()
+        graphed.shutdown()
+
+
+def test_a_lone_request_decodes_on_the_graph_then_joins_the_batch_when_another_arrives():
+    from workers.block_manager import BlockManager
+    from workers.continuous_batcher import BatchRequest, ContinuousBatcher
+    from workers.engine import ReuseEngine, ReuseSettings
+    full = ReuseSettings(mode="full")
+    mk = lambda: random_runner(SPEC, "cuda", torch.float32, seed=3, std=0.1)  # noqa: E731
+    eager = ReuseEngine(mk(), settings=full)
+    graphed = ReuseEngine(r := mk(), settings=full, static_tokens=POOL)
+    a, b = _ids(200, 7), _ids(150, 8)
+    want = [eager.generate(p, max_tokens=m, stop_ids=())[0].token_ids for p, m in ((a, 120), (b, 20))]
+    batcher = ContinuousBatcher(graphed, BlockManager(r, 64, 16)).start()
+    try:
+        ta = batcher.submit(BatchRequest(a, 120, stop_ids=()))
+        seen = 0
+        for kind, _ in ta.stream(timeout=60):
+            seen += kind == "token"
+            if seen == 8:
+                break
+        tb = batcher.submit(BatchRequest(b, 20, stop_ids=()))
+        assert [ta.result(60).token_ids, tb.result(60).token_ids] == want
+        st = batcher.snapshot()
+        assert st["solo_steps"] >= 7 and st["migrated"] == 1 and st["max_batch_seen"] == 2
+        assert graphed._graph.graphs and st["blocks_free"] == st["blocks_total"]
+    finally:
+        batcher.stop()
