@@ -154,6 +154,7 @@ class ContinuousBatcher:
         self.blocks = blocks or BlockManager.for_bytes(engine.runner, kv_bytes, block_size)
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
+        self.pool_decode = True  # a lone request decodes on the engine's CUDA graph (see the module)
         self.waiting: collections.deque[Ticket | _Running] = collections.deque()
         self.running: list[_Running] = []
         self._cancel: set[str] = set()
@@ -377,7 +378,7 @@ class ContinuousBatcher:
         if self._emit(r, sample(logits, req.temperature, req.top_p, gen)):
             return
         pooled = seq.cache is getattr(self.engine, "_pool", None)  # the engine's static CUDA-graph pool
-        if pooled and not self.running and not self.waiting:
+        if pooled and self.pool_decode and not self.running and not self.waiting:
             r.solo = seq  # alone: decodes on the engine's CUDA-graph step until a prefill needs the pool
         elif _needs_solo(seq):
             if pooled:
