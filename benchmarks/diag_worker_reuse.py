@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from index_service.plan import ReusePlan, ReuseSpan  # noqa: E402
 from workers.model_loader import random_runner, pick_device  # noqa: E402
 from workers.model_spec import ModelSpec  # noqa: E402
+from workers.scheduler import plan_to_wire  # noqa: E402
 from workers.worker_actor import Worker  # noqa: E402
 
 SPEC = ModelSpec(vocab_size=1000, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2,
@@ -33,8 +34,7 @@ def main() -> None:
     r = random_runner(SPEC, str(dev), getattr(torch, a.dtype), seed=3, std=0.1)
     doc = torch.randint(2, SPEC.vocab_size, (a.n,), generator=torch.Generator().manual_seed(1)).tolist()
     plan = ReusePlan(a.n, [ReuseSpan(0, "doc", 0, a.n)], prefix_len=a.n)
-    wire = {"n_tokens": a.n, "prefix_len": a.n, "source": "exact",
-            "spans": [[s.new_start, s.donor_id, s.donor_start, s.length] for s in plan.spans]}
+    wire = plan_to_wire(plan)
     for opts in ({"gpu_bytes": 64 << 20}, {"gpu_bytes": 0}, {"gpu_bytes": 64 << 20, "cuda_graph_tokens": 0},
                  {"gpu_bytes": 64 << 20, "batching": False}):
         w = Worker("w", dict(opts, channel="inproc", host_bytes=64 << 20), runner=r)

@@ -30,15 +30,11 @@ from benchmarks.reuse_gpu_bench import changed_plan, hbm_bandwidth  # noqa: E402
 from index_service.plan import ReusePlan, ReuseSpan  # noqa: E402
 from workers.model_loader import LLAMA3_8B, random_runner  # noqa: E402
 from workers.model_spec import ModelSpec  # noqa: E402
+from workers.scheduler import plan_to_wire as wire  # noqa: E402
 from workers.worker_actor import Worker  # noqa: E402
 
 CONFIGS = {"graphs, unbatched": (8192, False), "eager, unbatched": (0, False),
            "graphs, batched": (8192, True), "eager, batched": (0, True)}
-
-
-def wire(plan) -> dict:
-    return {"n_tokens": plan.n_tokens, "prefix_len": plan.prefix_len, "source": plan.source,
-            "spans": [[s.new_start, s.donor_id, s.donor_start, s.length] for s in plan.spans]}
 
 
 def one_request_cases(w: Worker, n: int, vocab: int, reps: int, gen: torch.Generator) -> dict:

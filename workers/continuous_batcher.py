@@ -329,10 +329,15 @@ class ContinuousBatcher:
             self._release_pool()
             self._start(item)
 
+    @property
+    def _engine_pool(self):
+        """The engine's static CUDA-graph KV pool (None on CPU, or with cuda_graph_tokens 0)."""
+        return getattr(self.engine, "_pool", None)
+
     def _release_pool(self) -> None:
         """A sequence decoding alone in the engine's pool moves out before a prefill takes it:
         into paged blocks (exact KV, it joins the batch), or into a copy of its own."""
-        pool = getattr(self.engine, "_pool", None)
+        pool = self._engine_pool
         for r in self.running:
             seq = r.solo
             if pool is None or seq is None or seq.cache is not pool:
@@ -377,7 +382,7 @@ class ContinuousBatcher:
             return
         if self._emit(r, sample(logits, req.temperature, req.top_p, gen)):
             return
-        pooled = seq.cache is getattr(self.engine, "_pool", None)  # the engine's static CUDA-graph pool
+        pooled = seq.cache is self._engine_pool
         if pooled and self.pool_decode and not self.running and not self.waiting:
             r.solo = seq  # alone: decodes on the engine's CUDA-graph step until a prefill needs the pool
         elif _needs_solo(seq):
@@ -425,7 +430,7 @@ class ContinuousBatcher:
         if self._emit(r, sample(logits, req.temperature, req.top_p, r.gen)):
             return
         n = seq.cache.length
-        if seq.cache is getattr(self.engine, "_pool", None):
+        if seq.cache is self._engine_pool:
             return  # alone on the graph step: moved out by _release_pool when a prefill needs the pool
         if not _needs_solo(seq) and self.blocks.can_allocate(n + 1):  # nothing stale left: join the batch
             self.blocks.allocate(r.sid, n)

@@ -14,6 +14,7 @@ import torch
 from index_service.align import align
 from workers.model_loader import random_runner
 from workers.model_spec import ModelSpec
+from workers.scheduler import plan_to_wire
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -35,11 +36,6 @@ def _ids(n: int, seed: int) -> list[int]:
     return torch.randint(2, SPEC.vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _wire(plan) -> dict:
-    return {"n_tokens": plan.n_tokens, "prefix_len": plan.prefix_len, "source": plan.source,
-            "spans": [[s.new_start, s.donor_id, s.donor_start, s.length] for s in plan.spans]}
-
-
 def _requests() -> list[dict]:
     """A donor written as a segment, then prompts reusing it in every mode, then a long prompt."""
     doc = _ids(300, 1)
@@ -49,7 +45,7 @@ def _requests() -> list[dict]:
     for i, (prompt, mode) in enumerate([(reordered, "dhd"), (reordered, "cacheblend"), (reordered, "naive"),
                                         (prefixed, "prefix"), (prefixed, "dhd")]):
         reqs.append({"request_id": f"r{i}", "token_ids": prompt, "max_tokens": 12, "mode": mode,
-                     "plan": _wire(align(prompt, [("doc", doc)]))})
+                     "plan": plan_to_wire(align(prompt, [("doc", doc)]))})
     reqs.append({"request_id": "long", "token_ids": _ids(700, 5), "max_tokens": 6, "mode": "full"})
     return reqs
 
