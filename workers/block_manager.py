@@ -35,6 +35,7 @@ class BlockManager:
         self.free_ids: deque[int] = deque(range(num_blocks))
         self.tables: dict[int, list[int]] = {}
         self.lengths: dict[int, int] = {}
+        self.scratch: int | None = None
 
     @classmethod
     def for_bytes(cls, runner: LlamaRunner, kv_bytes: int, block_size: int = 16) -> "BlockManager":
@@ -59,6 +60,18 @@ class BlockManager:
     def can_append(self, seq_id: int) -> bool:
         """Whether one more token fits without a block the pool does not have."""
         return self.lengths[seq_id] % self.block_size != 0 or len(self.free_ids) > 0
+
+    def reserve_scratch(self) -> int:
+        """A block no sequence ever gets: padding rows of a graphed decode step write their K/V
+        there. Reserved once, before any sequence has blocks; it leaves ``num_blocks``."""
+        if self.scratch is None:
+            if self.tables:
+                raise RuntimeError("reserve the scratch block before any sequence has blocks")
+            if self.num_blocks < 2:
+                raise OutOfBlocksError("a pool of one block has none to spare for padding rows")
+            self.scratch = self.free_ids.pop()
+            self.num_blocks -= 1
+        return self.scratch
 
     # ---- allocate / append / free -----------------------------------------------------------
     def allocate(self, seq_id: int, n_tokens: int) -> list[int]:

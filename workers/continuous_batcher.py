@@ -12,10 +12,12 @@ Each ``step``:
   4. sequences that hit ``max_tokens`` or a stop id leave and free their blocks; new ones join
      at the next step.
 
-A request that arrives to an idle batcher on CUDA decodes alone on the engine's one-token CUDA
-graph over the engine's static pool (the paged step is eager: about twice the time per token of
-an 8B model on an H100); when the next request is admitted, its KV moves into paged blocks and it
-joins the batch before that request's prefill takes the pool.
+On CUDA with the engine's graphs on (``cuda_graph_tokens`` > 0) the batched step is replayed from
+a CUDA graph per (batch bucket, table-width bucket) (``GraphedPagedStep``; eager beyond the
+engine's pool length, or if a capture fails). A request that arrives to an idle batcher decodes
+alone on the engine's one-token CUDA graph over the engine's static pool (its fused one-token
+kernels need no block gather); when the next request is admitted, its KV moves into paged blocks
+and it joins the batch before that request's prefill takes the pool.
 
 Out of blocks: admission waits; a decode step that lacks blocks swaps the newest sequences out
 (their KV is copied out of the pool and back in when blocks free up: exact, nothing recomputed).
@@ -47,7 +49,7 @@ from workers.block_manager import BlockManager, OutOfBlocksError
 from workers.engine import GenerationResult, PrefillStats, ReuseEngine, ReuseSettings, Sequence, sample
 from workers.errors import InvalidParameterError
 from workers.kv_cache import KVCache
-from workers.paged_decode import paged_decode_step
+from workers.paged_decode import GraphCaptureError, GraphedPagedStep, paged_decode_step
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +168,8 @@ class ContinuousBatcher:
         self.stats: dict[str, Any] = {"steps": 0, "decode_steps": 0, "prefills": 0, "tokens": 0,
                                       "max_batch_seen": 0, "batch_sizes": collections.Counter(),
                                       "solo_steps": 0, "migrated": 0, "preempted": 0, "cancelled": 0,
-                                      "errors": 0}
+                                      "errors": 0, "graph_steps": 0}
+        self.graphed = self._graphed_step()
 
     # ---- submitting -------------------------------------------------------------------------
     def blocks_needed(self, n_prompt: int, max_tokens: int) -> int:
@@ -240,6 +243,19 @@ class ContinuousBatcher:
         self.running = []
         for t in left:
             t._finish(None, RuntimeError("the batcher was stopped"))
+
+    def warm_up(self, token_ids: list[int], batch: int = 2) -> None:
+        """Before ``start``: ``batch`` copies of a short prompt through prefill and a few batched
+        steps, so kernel compilation and the first graph capture are not in a request's TTFT.
+        The counters start from zero afterwards."""
+        if self._thread is not None or self.has_work():
+            raise RuntimeError("warm_up runs before the batcher starts serving")
+        tickets = [self.submit(BatchRequest(list(token_ids), 3, stop_ids=())) for _ in range(batch)]
+        self.run()
+        for t in tickets:
+            t.result(0)
+        self.stats.update(steps=0, decode_steps=0, prefills=0, tokens=0, max_batch_seen=0, solo_steps=0,
+                          migrated=0, graph_steps=0, batch_sizes=collections.Counter())
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -418,7 +434,22 @@ class ContinuousBatcher:
             tok = greedy[i] if req.temperature == 0 else sample(logits[i], req.temperature, req.top_p, r.gen)
             self._emit(r, tok)
 
+    def _graphed_step(self) -> GraphedPagedStep | None:
+        pool = self._engine_pool
+        if pool is None or self.runner.reduce is not None or self.blocks.num_blocks < 2 or self.blocks.tables:
+            return None  # no graphs (CPU, cuda_graph_tokens 0, tensor parallel), or no block to spare
+        return GraphedPagedStep(self.runner, self.blocks, self.max_batch, pool.capacity)
+
     def _paged_step(self, sids: list[int], tokens: list[int]) -> torch.Tensor:
+        g = self.graphed
+        if g is not None and g.fits(sids):
+            try:
+                logits = g(sids, tokens)
+                self.stats["graph_steps"] += 1
+                return logits
+            except GraphCaptureError as e:
+                log.warning("%s; the batched decode step runs eager from now on", e)
+                self.graphed = None
         return paged_decode_step(self.runner, self.blocks, sids, tokens)
 
     def _solo_step(self, r: _Running) -> None:

@@ -11,6 +11,7 @@ slot is reserved for the captures' warm-up writes.
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import contextmanager
 from typing import Callable
 
@@ -38,12 +39,14 @@ def attending_over(pool: KVCache, keys: int):
         pool.length = saved
 
 
-def capture(runner: LlamaRunner, body: Callable[[], torch.Tensor], mempool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+def capture(runner: LlamaRunner, body: Callable[[], torch.Tensor], mempool, what: str = ""
+            ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """Warm ``body`` up twice on a side stream (compiles the fused pieces), then capture it with
     fusion on, in ``mempool`` (shared: an engine's graphs never run at once). Errors are checked
     for this thread only: a worker's other threads (donor fetches onto the GPU) may launch work
     while a graph is captured, and in the default global mode that would fail the capture."""
     dev = runner.device
+    t0 = time.perf_counter()
     side = torch.cuda.Stream(dev)
     side.wait_stream(torch.cuda.current_stream(dev))
     with runner.fusing(), torch.cuda.stream(side):
@@ -53,6 +56,7 @@ def capture(runner: LlamaRunner, body: Callable[[], torch.Tensor], mempool) -> t
     graph = torch.cuda.CUDAGraph()
     with runner.fusing(), torch.cuda.graph(graph, pool=mempool, capture_error_mode="thread_local"):
         out = body()
+    log.debug("captured the CUDA graph %s in %.0f ms", what, (time.perf_counter() - t0) * 1e3)
     return graph, out
 
 
@@ -81,7 +85,7 @@ class GraphedStep:
         self.pos.fill_(self.pool.capacity - 1)  # warm-up writes land in the reserved slot
         if self.mempool is None:
             self.mempool = torch.cuda.graph_pool_handle()
-        return capture(self.runner, lambda: self._body(keys), self.mempool)
+        return capture(self.runner, lambda: self._body(keys), self.mempool, f"one token, {keys} keys")
 
     def __call__(self, token: int | torch.Tensor, position: int) -> torch.Tensor:
         """Logits [vocab] for ``token`` at ``position``; its K/V land in the pool."""
@@ -169,5 +173,6 @@ class GraphedLayers:
         pos_in = torch.full((mb,), self.pool.capacity - 1, dtype=torch.long, device=dev)
         if self.mempool is None:
             self.mempool = torch.cuda.graph_pool_handle()
-        graph, out = capture(r, lambda: self._body(first, h_in, pos_in, keys, k_pre_out), self.mempool)
+        graph, out = capture(r, lambda: self._body(first, h_in, pos_in, keys, k_pre_out), self.mempool,
+                             f"layers {first}.., {mb} rows, {keys} keys")
         return graph, h_in, pos_in, out

@@ -96,7 +96,7 @@ class CheckGraphs:
         if self.mempool is None:
             self.mempool = torch.cuda.graph_pool_handle()
         body = lambda: self._body(mode, c, tb, mb, keys, inp, k_pre_out)  # noqa: E731
-        graph, out = capture(r, body, self.mempool)
+        graph, out = capture(r, body, self.mempool, f"{mode} check, layer {c}, {tb} tokens, {keys} keys")
         return graph, inp, out
 
     def _body(self, mode: str, c: int, tb: int, mb: int, keys: int, inp: torch.Tensor,

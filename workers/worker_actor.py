@@ -90,6 +90,7 @@ class WorkerOptions:
     kv_block_size: int = 16  # tokens per paged KV block
     tensor_parallel_size: int = 1  # > 1: the worker is a group of shards (workers/tp_group.py)
     cuda_graph_tokens: int = 8192  # on CUDA: static KV pool + CUDA-graph replay up to this length; 0 = eager
+    warmup: bool = True  # a few tokens through every path at start, not in the first requests' TTFT
 
     @classmethod
     def coerce(cls, options: "WorkerOptions | dict | None") -> "WorkerOptions":
@@ -210,9 +211,28 @@ class Worker:
             from workers.block_manager import BlockManager
             from workers.continuous_batcher import ContinuousBatcher
             blocks = BlockManager.for_bytes(runner, opts.kv_pool_bytes, opts.kv_block_size)
-            self._batcher = ContinuousBatcher(self.engine, blocks, max_batch=opts.max_batch).start()
+            self._batcher = ContinuousBatcher(self.engine, blocks, max_batch=opts.max_batch)
+        if opts.warmup:
+            self._warm_up()
+        if self._batcher is not None:
+            self._batcher.start()
         log.info("worker %s ready in %.1f s: %s on %s, channel %s", worker_id, time.perf_counter() - t0,
                  self.fingerprint, runner.device, opts.channel)
+
+    def _warm_up(self) -> None:
+        """A short prompt alone (prefill, decode, the one-token CUDA graph) and two at once through
+        the batcher (the batched step and its graph). On a fresh GPU process the first requests
+        otherwise pay for kernel compilation and graph capture inside their TTFT."""
+        t0 = time.perf_counter()
+        ids = [2 + i % (self.runner.spec.vocab_size - 2) for i in range(16)]
+        try:
+            self.engine.generate(ids, max_tokens=3, stop_ids=(), keep_segment=False)
+            if self._batcher is not None:
+                self._batcher.warm_up(ids)
+        except Exception as e:  # noqa: BLE001 - a failed warm-up only costs the first requests time
+            log.warning("worker warm-up failed (%s: %s)", type(e).__name__, e)
+            return
+        log.info("worker %s warmed up in %.2f s", self.worker_id, time.perf_counter() - t0)
 
     def _make_tiers(self, opts: WorkerOptions) -> TieredStore:
         gpu = None

@@ -100,6 +100,35 @@ def test_paged_step_logits_match_single_sequence_decode(kv_source):
             assert torch.allclose(got[i], eng.decode_step(seq, toks[i]), atol=1e-10)
 
 
+def test_scratch_block_leaves_the_pool_once_and_only_before_any_sequence():
+    r = tiny()
+    bm = BlockManager(r, num_blocks=4, block_size=4)
+    s = bm.reserve_scratch()
+    assert bm.reserve_scratch() == s and bm.num_blocks == 3 and bm.free_blocks == 3
+    assert s not in bm.allocate(1, 12)  # every other block goes to sequences, never the scratch one
+    with pytest.raises(OutOfBlocksError):
+        bm.append(1)
+    late = BlockManager(r, 4, 4)
+    late.allocate(1, 1)
+    with pytest.raises(RuntimeError, match="before any sequence"):
+        late.reserve_scratch()
+    with pytest.raises(OutOfBlocksError, match="one block"):
+        BlockManager(r, 1, 4).reserve_scratch()
+
+
+def test_graph_buckets_pad_rows_and_widths_to_few_shapes():
+    from workers.paged_decode import batch_bucket, width_bucket
+    assert [batch_bucket(b) for b in (1, 2, 3, 5, 8, 9, 16, 17, 33)] == [1, 2, 4, 8, 8, 16, 16, 24, 40]
+    # widths in blocks of 16 tokens: 256, 512, 1024 tokens, then multiples of 1024
+    assert [width_bucket(n, 16) for n in (1, 16, 17, 33, 64, 65, 128, 129)] == [16, 16, 32, 64, 64, 128, 128, 192]
+    assert width_bucket(1, 64) == 4 and width_bucket(17, 64) == 32  # 1,088 tokens -> 2,048
+
+
+def test_the_batcher_graphs_nothing_on_cpu():
+    b = ContinuousBatcher(ReuseEngine(tiny(), settings=FULL), blocks=BlockManager(tiny(), 8, 4))
+    assert b.graphed is None and b.blocks.scratch is None and b.blocks.num_blocks == 8
+
+
 # ---- batching = each request alone ------------------------------------------------------------
 @pytest.mark.parametrize("kv_source", [None, MAP])
 def test_different_lengths_join_and_leave_mid_batch_and_match_alone(kv_source):
@@ -386,6 +415,35 @@ def test_worker_batches_concurrent_generate_calls_like_unbatched():
     finally:
         w_b.shutdown()
         w_1.shutdown()
+
+
+def test_worker_warms_up_every_path_at_start_and_counts_from_zero(caplog):
+    from workers.worker_actor import Worker
+    r = tiny(dtype=torch.float32)
+    calls = []
+    real = r.logits
+    r.logits = lambda h: (calls.append(h.shape[0]), real(h))[1]  # which passes ran: 1 row alone, 2 batched
+    opts = {"host_bytes": 16 << 20, "channel": "inproc", "kv_pool_bytes": 1 << 20}
+    with caplog.at_level("INFO", logger="workers.worker_actor"):
+        w = Worker("warm", opts, runner=r)
+    try:
+        assert 1 in calls and 2 in calls, calls  # the engine's own decode and a batched step of two
+        assert "warmed up" in caplog.text
+        b = w.stats()["batching"]
+        assert b["prefills"] == b["decode_steps"] == b["tokens"] == 0 and b["blocks_free"] == b["blocks_total"]
+        assert w.stats()["counters"]["requests"] == 0 and w.generate({"token_ids": ids(9, 1), "max_tokens": 2})
+    finally:
+        w.shutdown()
+    calls.clear()
+    w = Worker("cold", dict(opts, warmup=False), runner=r)
+    w.shutdown()
+    assert calls == []
+    with pytest.raises(RuntimeError, match="before the batcher starts"):
+        b = ContinuousBatcher(ReuseEngine(r, settings=FULL), blocks=BlockManager(r, 8, 4)).start()
+        try:
+            b.warm_up([2, 3])
+        finally:
+            b.stop()
 
 
 def test_worker_cancel_stops_a_batched_request_and_frees_blocks():

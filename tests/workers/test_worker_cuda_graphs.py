@@ -2,7 +2,8 @@
 (``cuda_graph_tokens`` > 0, the default) and gives the tokens and reuse counts of the eager engine
 (``cuda_graph_tokens=0``): unbatched and batched; full, prefix, naive, cacheblend and dhd (whose
 DHD decode recomputation decodes alone, off the pool); a prompt longer than the pool; concurrent
-requests, with one too large for the batcher's paged pool taking the unbatched path beside it.
+requests, with one too large for the batcher's paged pool taking the unbatched path beside it;
+the batched paged decode step replayed from CUDA graphs against the eager step.
 Skipped without a GPU; run on a GPU machine with `pytest tests/workers/test_worker_cuda_graphs.py`."""
 from __future__ import annotations
 
@@ -103,7 +104,9 @@ def test_concurrent_requests_beside_an_unbatched_one_share_the_pool_safely():
             t.join(300)
         for i, w in enumerate(want):
             _same(got[i], w)
-        assert graphed.stats()["batching"]["prefills"] == 5  # the donor and the four
+        st = graphed.stats()["batching"]
+        assert st["prefills"] == 5  # the donor and the four
+        assert st["graph_steps"] > 0 and st["graph_steps"] == st["decode_steps"]  # batched steps replayed
     finally:
         eager.shutdown()
         graphed.shutdown()
@@ -134,3 +137,43 @@ def test_a_lone_request_decodes_on_the_graph_then_joins_the_batch_when_another_a
         assert graphed._graph.graphs and st["blocks_free"] == st["blocks_total"]
     finally:
         batcher.stop()
+
+
+@pytest.mark.parametrize("kv_source", [None, [0, 0, 2, 2]])
+def test_graphed_paged_step_matches_the_eager_step_as_batch_and_widths_change(kv_source):
+    from workers.block_manager import BlockManager
+    from workers.engine import ReuseEngine, ReuseSettings
+    from workers.paged_decode import GraphedPagedStep, paged_decode_step
+    r = random_runner(SPEC, "cuda", torch.float32, seed=3, std=0.1)
+    if kv_source:
+        r.share_kv(kv_source)
+    eng = ReuseEngine(r, settings=ReuseSettings(mode="full"))
+    eager, paged = BlockManager(r, 200, 16), BlockManager(r, 201, 16)
+    step = GraphedPagedStep(r, paged, max_batch=8, max_tokens=1024)
+    assert paged.num_blocks == 200 and step.scratch == 200
+    lens = (5, 245, 31, 600, 16)  # 245 crosses the 256-token width bucket once the 600 has left
+    for i, n in enumerate(lens):
+        seq, _ = eng.prefill(_ids(n, 20 + i), max_tokens=0, keep_segment=False)
+        for bm in (eager, paged):
+            bm.allocate(i, n)
+            bm.write(i, seq.cache.k[:, :, :n], seq.cache.v[:, :, :n])
+    sids = list(range(len(lens)))
+    for t in range(12):
+        if t == 6:  # a sequence leaves: 4 rows instead of 8
+            for bm in (eager, paged):
+                bm.free(3)
+            sids.remove(3)
+        toks = [(7 * t + 3 * i) % SPEC.vocab_size for i in sids]
+        want = paged_decode_step(r, eager, sids, toks)
+        assert step.fits(sids)
+        got = step(sids, toks)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    for i in sids:
+        assert step.scratch not in paged.tables[i]
+        for a, b in zip(paged.read(i), eager.read(i)):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    assert set(step.graphs) == {(8, 64), (4, 16), (4, 32)}  # 1,024-token width, then 256, then 512
+    long_ = 1100
+    paged.allocate(9, long_)
+    assert not step.fits([9])  # past max_tokens: the batcher runs the eager step
