@@ -2,9 +2,10 @@
 
 The B new tokens go through the QKV, output and MLP matmuls together (the runner's building
 blocks on a [B, hidden] matrix, each row at its own position). Attention is per sequence over its
-own blocks: the block tables are gathered into a padded [B, Hkv, max_len, d] view and SDPA runs
-with a length mask, the query heads of a KV group folded into the query axis (GQA without
-expanding K/V). KVSharer: a shared layer computes only Q and reads its source layer's slot
+own blocks: on CUDA a Triton kernel reads each sequence's keys straight from its blocks
+(workers/paged_attention.py); elsewhere the block tables are gathered into a padded
+[B, Hkv, max_len, d] view and SDPA runs with a length mask. Either way the query heads of a KV
+group are folded into the query axis (GQA without expanding K/V). KVSharer: a shared layer computes only Q and reads its source layer's slot
 (``runner.kv_slot``), which the source wrote earlier in the same step, so the gathered view of a
 slot is reused by the layers that share it.
 
@@ -16,14 +17,18 @@ position 0 in a scratch block the pool keeps for them, and their logits are drop
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
 
 from workers.block_manager import BlockManager
 from workers.model_runner import LlamaRunner, Positions
+from workers.paged_attention import available as kernel_available, paged_attend
 
 log = logging.getLogger(__name__)
+# attention straight from the blocks (workers/paged_attention.py) on CUDA; 0: gather + SDPA (A/B)
+PAGED_KERNEL = os.environ.get("KVCLUSTER_PAGED_KERNEL", "1") != "0"
 
 
 def _layers(runner: LlamaRunner, blocks: BlockManager, tok: torch.Tensor, pos: torch.Tensor,
@@ -32,7 +37,8 @@ def _layers(runner: LlamaRunner, blocks: BlockManager, tok: torch.Tensor, pos: t
     s, dev = runner.spec, runner.device
     B = tok.shape[0]
     width = table.shape[1] * blocks.block_size
-    mask = (torch.arange(width, device=dev)[None, :] <= pos[:, None])[:, None, None, :]  # [B, 1, 1, W]
+    kernel = PAGED_KERNEL and kernel_available(tok)  # the kernel reads the positions itself
+    mask = None if kernel else (torch.arange(width, device=dev)[None, :] <= pos[:, None])[:, None, None, :]
     cos, sin = runner.rope.cos_sin(pos, runner.dtype)
     p = Positions(pos, "mask", cos, sin, None)
     g = s.num_heads // s.num_kv_heads
@@ -45,11 +51,14 @@ def _layers(runner: LlamaRunner, blocks: BlockManager, tok: torch.Tensor, pos: t
             blocks.k[slot][blk, :, off] = k.transpose(0, 1)
             blocks.v[slot][blk, :, off] = v.transpose(0, 1)
             gathered.pop(slot, None)
-        if slot not in gathered:
-            gathered[slot] = blocks.gather(slot, table)
-        kk, vv = gathered[slot]
         qf = q.transpose(0, 1).reshape(B, s.num_kv_heads, g, s.head_dim)
-        o = F.scaled_dot_product_attention(qf, kk, vv, attn_mask=mask, scale=runner.scale)
+        if kernel:
+            o = paged_attend(qf, blocks.k[slot], blocks.v[slot], table, pos, runner.scale)
+        else:
+            if slot not in gathered:
+                gathered[slot] = blocks.gather(slot, table)
+            kk, vv = gathered[slot]
+            o = F.scaled_dot_product_attention(qf, kk, vv, attn_mask=mask, scale=runner.scale)
         h = h + F.linear(o.reshape(B, s.num_heads * s.head_dim), runner.layers[layer].w_o)
         h = h + runner.mlp(layer, h)
     return runner.logits(h)

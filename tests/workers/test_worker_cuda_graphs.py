@@ -177,3 +177,28 @@ def test_graphed_paged_step_matches_the_eager_step_as_batch_and_widths_change(kv
     long_ = 1100
     paged.allocate(9, long_)
     assert not step.fits([9])  # past max_tokens: the batcher runs the eager step
+
+
+@pytest.mark.parametrize("dtype,block_size,d", [(torch.float32, 16, 32), (torch.bfloat16, 16, 128),
+                                                (torch.bfloat16, 64, 128)])
+def test_paged_attention_kernel_matches_gathered_sdpa(dtype, block_size, d):
+    import torch.nn.functional as F
+    from workers.paged_attention import paged_attend
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, kv_heads, group, n_blocks, width = 5, 8, 4, 300, 40
+    k = torch.randn(n_blocks, kv_heads, block_size, d, device="cuda", dtype=dtype, generator=g)
+    v = torch.randn(n_blocks, kv_heads, block_size, d, device="cuda", dtype=dtype, generator=g)
+    table = torch.randperm(n_blocks, device="cuda", generator=g)[:B * width].view(B, width)
+    pos = torch.tensor([0, 17, block_size * width - 1, 1000 % (block_size * width), 5 * block_size],
+                       device="cuda")
+    qf = torch.randn(B, kv_heads, group, d, device="cuda", dtype=dtype, generator=g)
+    got = paged_attend(qf, k, v, table, pos, d ** -0.5)
+
+    def gathered(x):  # [B, Hkv, width * block_size, d]
+        return x[table].transpose(1, 2).reshape(B, kv_heads, width * block_size, d)
+    keys = torch.arange(width * block_size, device="cuda")
+    mask = (keys[None, :] <= pos[:, None])[:, None, None, :]
+    want = F.scaled_dot_product_attention(qf.float(), gathered(k).float(), gathered(v).float(), attn_mask=mask,
+                                          scale=d ** -0.5).reshape(B, -1)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
