@@ -115,8 +115,8 @@ def main() -> None:
         gen = torch.Generator().manual_seed(0)
         try:
             res = {str(n): one_request_cases(w, n, spec.vocab_size, args.reps, gen) for n in map(int, args.lengths.split(","))}
-            # the first burst on a fresh worker is slower (measured: 2.8 s TTFT p50 with graphs,
-            # 0.3 s eager, then 0.17 s): reported, then the burst again, warm
+            # the first burst of a worker can be slower (graphs for new batch/width buckets are
+            # captured inside it; a cold process also compiles): reported, then again, warm
             res["bursts"] = [dict(burst(w, int(k), spec.vocab_size, gen), round=i)
                              for k in args.burst.split(",") for i in ("first", "warm")]
         finally:
