@@ -18,7 +18,7 @@ try:
     import triton
     import triton.language as tl
 
-    from workers.flash_tile import key_tile, merge_splits
+    from workers.flash_tile import key_tile, merge_one_query, one_query_partials
 except ImportError:  # CPU-only installs: callers use the matmul path
     triton = None
 
@@ -46,17 +46,13 @@ def attend_one_token(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: to
     kv_heads, g, d = qf.shape
     n = k.shape[1]
     per, splits = split_plan(n)
-    gp = max(16, triton.next_power_of_2(g))  # tl.dot wants >= 16 rows
     qf = qf.contiguous()
-    m = torch.empty(kv_heads, splits, gp, dtype=torch.float32, device=qf.device)
-    l = torch.empty_like(m)
-    acc = torch.empty(kv_heads, splits, gp, d, dtype=torch.float32, device=qf.device)
+    m, l, acc = one_query_partials(kv_heads, splits, g, d, qf.device)
     _partial[(kv_heads, splits)](qf, k, v, pos, m, l, acc, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                                 n, per, scale, G=g, GP=gp, D=d, BLOCK_N=BLOCK_N, IEEE=qf.dtype == torch.float32,
+                                 n, per, scale, G=g, GP=m.shape[2], D=d, BLOCK_N=BLOCK_N, IEEE=qf.dtype == torch.float32,
                                  num_warps=4)
     out = torch.empty_like(qf)
-    merge_splits[(kv_heads, g)](m, l, acc, out, gp, g, splits, g, g * d, 0, d, D=d, BLOCK_R=1,
-                                SP=max(2, triton.next_power_of_2(splits)), num_warps=4)
+    merge_one_query(m, l, acc, out, g)
     return out
 
 

@@ -15,6 +15,8 @@ A/B of the path before (benchmarks/variants.py); moving decode to merge_rows wai
 """
 from __future__ import annotations
 
+import torch
+
 try:
     import triton
     import triton.language as tl
@@ -91,3 +93,19 @@ if triton is not None:
         o = tl.sum(acc * w[:, :, None], 1) / tl.where(row_live, den, 1.0)[:, None]
         dst = out_ptr + out_offset(h, rows, m_tokens, s_head, s_group, s_token)[:, None] + cols[None, :]
         tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=row_live[:, None])
+
+
+def one_query_partials(rows: int, splits: int, g: int, d: int, device) -> tuple[torch.Tensor, ...]:
+    """m, l [rows, splits, GP] and acc [..., d] (float32) for the split-key kernels of one query
+    token, whose g query heads per KV row are padded to GP >= 16 rows (tl.dot's minimum)."""
+    gp = max(16, triton.next_power_of_2(g))
+    m = torch.empty(rows, splits, gp, dtype=torch.float32, device=device)
+    return m, torch.empty_like(m), torch.empty(rows, splits, gp, d, dtype=torch.float32, device=device)
+
+
+def merge_one_query(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, out: torch.Tensor, g: int) -> None:
+    """Merge the slices of ``one_query_partials`` into ``out``: the g heads of each of the rows
+    KV rows, in order, d values each."""
+    rows, splits, gp, d = acc.shape
+    merge_splits[(rows, g)](m, l, acc, out, gp, g, splits, g, g * d, 0, d, D=d, BLOCK_R=1,
+                            SP=max(2, triton.next_power_of_2(splits)), num_warps=4)

@@ -16,7 +16,7 @@ try:
     import triton
     import triton.language as tl
 
-    from workers.flash_tile import key_tile, merge_splits
+    from workers.flash_tile import key_tile, merge_one_query, one_query_partials
 except ImportError:  # CPU-only installs: callers gather the blocks and use SDPA
     triton = None
 
@@ -36,18 +36,14 @@ def paged_attend(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torc
     bs = k.shape[2]
     assert k.is_contiguous() and v.is_contiguous() and k.shape == v.shape  # v is read with k's strides
     per, splits = split_plan(table.shape[1] * bs)
-    gp = max(16, triton.next_power_of_2(g))  # tl.dot wants >= 16 rows
     qf = qf.contiguous()
     rows = B * kv_heads
-    m = torch.empty(rows, splits, gp, dtype=torch.float32, device=qf.device)
-    l = torch.empty_like(m)
-    acc = torch.empty(rows, splits, gp, d, dtype=torch.float32, device=qf.device)
+    m, l, acc = one_query_partials(rows, splits, g, d, qf.device)
     _partial[(rows, splits)](qf, k, v, table, pos, m, l, acc, k.stride(0), k.stride(1), k.stride(2),
-                             table.stride(0), kv_heads, per, scale, G=g, GP=gp, D=d, BLOCK_N=BLOCK_N, BS=bs,
+                             table.stride(0), kv_heads, per, scale, G=g, GP=m.shape[2], D=d, BLOCK_N=BLOCK_N, BS=bs,
                              IEEE=qf.dtype == torch.float32, num_warps=4)
     out = torch.empty(B, kv_heads * g * d, dtype=qf.dtype, device=qf.device)
-    merge_splits[(rows, g)](m, l, acc, out, gp, g, splits, g, g * d, 0, d, D=d, BLOCK_R=1,
-                            SP=max(2, triton.next_power_of_2(splits)), num_warps=4)
+    merge_one_query(m, l, acc, out, g)
     return out
 
 
