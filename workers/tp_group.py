@@ -78,6 +78,8 @@ class TPWorker(Worker):
             opts = replace(opts, batching=False)
         if opts.cuda_graph_tokens:  # graphs around the collectives are not verified on several GPUs
             opts = replace(opts, cuda_graph_tokens=0)
+        if opts.warmup:  # a rank's warm-up is collectives of its own: one failing would hang the rest
+            opts = replace(opts, warmup=False)
         self.tp_rank, self.tp_size = rank, t
         if opts.num_threads:
             torch.set_num_threads(opts.num_threads)
