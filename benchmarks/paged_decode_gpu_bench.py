@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.reuse_gpu_bench import hbm_bandwidth  # noqa: E402
+from benchmarks.reuse_gpu_bench import hbm_bandwidth, weight_read_bytes  # noqa: E402
 import workers.paged_decode as pd  # noqa: E402
 from workers.block_manager import BlockManager  # noqa: E402
 from workers.model_loader import LLAMA3_8B, random_runner  # noqa: E402
@@ -70,8 +70,7 @@ def main() -> None:
         x.normal_()  # real-looking KV, not zeros
     graphed = pd.GraphedPagedStep(r, bm, max(batches), per_seq)
     s = spec
-    layer = s.hidden_size * (s.q_size + 2 * s.kv_size) + s.q_size * s.hidden_size + 3 * s.hidden_size * s.intermediate_size
-    weight_bytes = 2 * (s.num_layers * layer + s.vocab_size * s.hidden_size)
+    weight_bytes = weight_read_bytes(s)
     kv_per_token = 2 * s.num_layers * s.kv_size * 2
     rows = []
     for n in lengths:

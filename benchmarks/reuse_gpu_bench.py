@@ -58,11 +58,21 @@ def hbm_bandwidth(nbytes: int = 1 << 30, reps: int = 10) -> float:
     return 2 * nbytes * reps / (time.perf_counter() - t)
 
 
+def layer_params(s: ModelSpec) -> int:
+    """Weights of one layer's linear layers (q/k/v, o, gate/up, down)."""
+    return s.hidden_size * (s.q_size + 2 * s.kv_size) + s.q_size * s.hidden_size + 3 * s.hidden_size * s.intermediate_size
+
+
+def weight_read_bytes(s: ModelSpec, dtype_bytes: int = 2) -> int:
+    """What a one-token step reads: every layer's linear weights and the LM head, once."""
+    return dtype_bytes * (s.num_layers * layer_params(s) + s.vocab_size * s.hidden_size)
+
+
 def pass_bound_s(spec: ModelSpec, layers: int, m: int, n_keys: int, peak: float, bw: float) -> float:
     """Roofline time of ``layers`` layers over m tokens attending n_keys keys: the larger of FLOPs
     over the matmul peak and bytes (weights + KV read) over the bandwidth."""
     s = spec
-    params = s.hidden_size * (s.q_size + 2 * s.kv_size) + s.q_size * s.hidden_size + 3 * s.hidden_size * s.intermediate_size
+    params = layer_params(s)
     flops = layers * (2 * params * m + 4 * s.num_heads * s.head_dim * m * n_keys / (2 if m == n_keys else 1))
     nbytes = layers * (2 * params + 2 * 2 * s.kv_size * n_keys)
     return max(flops / peak, nbytes / bw)
@@ -95,7 +105,7 @@ def issue_flop_limit(spec: ModelSpec, n: int, prefix: int, upper_tokens: int, c:
 
 def prefill_flops(spec: ModelSpec, n: int) -> float:
     s = spec
-    per_layer = s.hidden_size * (s.q_size + 2 * s.kv_size) + s.q_size * s.hidden_size + 3 * s.hidden_size * s.intermediate_size
+    per_layer = layer_params(s)
     linear = 2 * per_layer * s.num_layers * n + 2 * s.hidden_size * s.vocab_size  # logits: last token
     attention = 2 * s.num_heads * s.head_dim * n * n * s.num_layers  # causal QK^T and PV
     return linear + attention

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.reuse_gpu_bench import changed_plan, hbm_bandwidth  # noqa: E402
+from benchmarks.reuse_gpu_bench import changed_plan, hbm_bandwidth, weight_read_bytes  # noqa: E402
 from index_service.plan import ReusePlan, ReuseSpan  # noqa: E402
 from workers.model_loader import LLAMA3_8B, random_runner  # noqa: E402
 from workers.model_spec import ModelSpec  # noqa: E402
@@ -105,8 +105,7 @@ def main() -> None:
     bw = hbm_bandwidth()
     runner = random_runner(spec, "cuda", torch.bfloat16)  # shared: the workers run one at a time
     s = spec  # a one-token step reads every layer's weights and the LM head once
-    layer = s.hidden_size * (s.q_size + 2 * s.kv_size) + s.q_size * s.hidden_size + 3 * s.hidden_size * s.intermediate_size
-    weight_bytes = 2 * (s.num_layers * layer + s.vocab_size * s.hidden_size)
+    weight_bytes = weight_read_bytes(s)
     results = {}
     for name, (graph_tokens, batching) in CONFIGS.items():
         w = Worker(name.replace(", ", "-"), {"channel": "inproc", "batching": batching, "cuda_graph_tokens": graph_tokens,

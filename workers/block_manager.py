@@ -129,11 +129,16 @@ class BlockManager:
             return g[:, :, :n].contiguous()
         return one(self.k), one(self.v)
 
-    def table_tensor(self, seq_ids: list[int]) -> torch.Tensor:
-        """Block tables of ``seq_ids`` as [B, max_blocks] (short rows padded with their last block)."""
+    def padded_tables(self, seq_ids: list[int], width: int | None = None) -> list[list[int]]:
+        """Block tables of ``seq_ids``, each padded with its last block to ``width`` (default: the
+        longest); the padding slots lie past the sequence's length, so a length mask hides them."""
         rows = [self.tables[s] for s in seq_ids]
-        width = max(len(r) for r in rows)
-        return torch.tensor([r + [r[-1]] * (width - len(r)) for r in rows], device=self.k.device)
+        width = max(len(r) for r in rows) if width is None else width
+        return [r + [r[-1]] * (width - len(r)) for r in rows]
+
+    def table_tensor(self, seq_ids: list[int]) -> torch.Tensor:
+        """Block tables of ``seq_ids`` as [B, max_blocks] (``padded_tables``)."""
+        return torch.tensor(self.padded_tables(seq_ids), device=self.k.device)
 
     def gather(self, slot: int, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of one slot for a batch of block tables [B, nb]: [B, Hkv, nb * block_size, d]."""

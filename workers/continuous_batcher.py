@@ -165,10 +165,7 @@ class ContinuousBatcher:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._busy = False
-        self.stats: dict[str, Any] = {"steps": 0, "decode_steps": 0, "prefills": 0, "tokens": 0,
-                                      "max_batch_seen": 0, "batch_sizes": collections.Counter(),
-                                      "solo_steps": 0, "migrated": 0, "preempted": 0, "cancelled": 0,
-                                      "errors": 0, "graph_steps": 0}
+        self.stats = _new_stats()
         self.graphed = self._graphed_step()
 
     # ---- submitting -------------------------------------------------------------------------
@@ -254,8 +251,7 @@ class ContinuousBatcher:
         self.run()
         for t in tickets:
             t.result(0)
-        self.stats.update(steps=0, decode_steps=0, prefills=0, tokens=0, max_batch_seen=0, solo_steps=0,
-                          migrated=0, graph_steps=0, batch_sizes=collections.Counter())
+        self.stats = _new_stats()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -530,6 +526,12 @@ class ContinuousBatcher:
         self.stats["errors"] += 1
         for r in list(self.running):
             self._leave(r, None, error)
+
+
+def _new_stats() -> dict[str, Any]:
+    return {"steps": 0, "decode_steps": 0, "prefills": 0, "tokens": 0, "max_batch_seen": 0,
+            "batch_sizes": collections.Counter(), "solo_steps": 0, "migrated": 0, "preempted": 0,
+            "cancelled": 0, "errors": 0, "graph_steps": 0}
 
 
 def _needs_solo(seq: Sequence) -> bool:

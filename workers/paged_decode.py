@@ -36,9 +36,11 @@ def _layers(runner: LlamaRunner, blocks: BlockManager, tok: torch.Tensor, pos: t
     """The step on device tensors only (no host reads): capturable as a CUDA graph."""
     s, dev = runner.spec, runner.device
     B = tok.shape[0]
-    width = table.shape[1] * blocks.block_size
     kernel = PAGED_KERNEL and kernel_available(tok)  # the kernel reads the positions itself
-    mask = None if kernel else (torch.arange(width, device=dev)[None, :] <= pos[:, None])[:, None, None, :]
+    mask = None
+    if not kernel:  # [B, 1, 1, W] over the gathered, padded blocks
+        keys = torch.arange(table.shape[1] * blocks.block_size, device=dev)
+        mask = (keys[None, :] <= pos[:, None])[:, None, None, :]
     cos, sin = runner.rope.cos_sin(pos, runner.dtype)
     p = Positions(pos, "mask", cos, sin, None)
     g = s.num_heads // s.num_kv_heads
@@ -135,8 +137,7 @@ class GraphedPagedStep:
         graph, inputs, logits = self._graph(rows, width)
         pos, blk, off = _append(bl, seq_ids)
         pad = rows - B
-        table = [t + [t[-1]] * (width - len(t)) for t in (bl.tables[i] for i in seq_ids)]
-        table += [[self.scratch] * width] * pad
+        table = bl.padded_tables(seq_ids, width) + [[self.scratch] * width] * pad
         flat = list(tokens) + [0] * pad + pos + [0] * pad + blk + [self.scratch] * pad + off + [0] * pad
         flat += [b for row in table for b in row]
         inputs.copy_(torch.tensor(flat, dtype=torch.long))  # one small host-to-device copy per step
