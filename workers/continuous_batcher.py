@@ -241,16 +241,25 @@ class ContinuousBatcher:
         for t in left:
             t._finish(None, RuntimeError("the batcher was stopped"))
 
-    def warm_up(self, token_ids: list[int], batch: int = 2) -> None:
+    def warm_up(self, token_ids: list[int], batch: int = 2, graph_tokens: int = 0) -> None:
         """Before ``start``: ``batch`` copies of a short prompt through prefill and a few batched
-        steps, so kernel compilation and the first graph capture are not in a request's TTFT.
-        The counters start from zero afterwards."""
+        steps, so kernel compilation is not in a request's TTFT; then, with graphs, every batch
+        bucket's graph up to ``graph_tokens`` tokens of KV per sequence is captured. The counters
+        start from zero afterwards."""
         if self._thread is not None or self.has_work():
             raise RuntimeError("warm_up runs before the batcher starts serving")
         tickets = [self.submit(BatchRequest(list(token_ids), 3, stop_ids=())) for _ in range(batch)]
         self.run()
         for t in tickets:
             t.result(0)
+        if self.graphed is not None and graph_tokens > 0:
+            try:
+                n = self.graphed.capture_buckets(graph_tokens)
+                log.info("batched decode: %d CUDA graphs captured (up to %d rows, %d tokens)",
+                         n, self.graphed.max_rows, graph_tokens)
+            except GraphCaptureError as e:
+                log.warning("%s; the batched decode step runs eager from now on", e)
+                self.graphed = None
         self.stats = _new_stats()
 
     def wait_idle(self, timeout: float | None = None) -> bool:

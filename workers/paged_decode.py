@@ -144,6 +144,19 @@ class GraphedPagedStep:
         graph.replay()
         return logits[:B].clone()
 
+    def capture_buckets(self, max_tokens: int) -> int:
+        """Capture now every batch bucket at every table width up to ``max_tokens`` tokens (and
+        the graphs' limits), so a burst of requests replays graphs instead of capturing them
+        inside its TTFT. Returns the number of graphs held; ``GraphCaptureError`` as ``__call__``."""
+        bs = self.blocks.block_size
+        rows = sorted({batch_bucket(b) for b in range(1, self.max_rows + 1)})
+        n_blocks = min(self.blocks.blocks_for(max(max_tokens, 1)), self.max_width)
+        widths = sorted({width_bucket(n, bs) for n in range(1, n_blocks + 1)})
+        for r in rows:
+            for w in widths:
+                self._graph(r, w)
+        return len(self.graphs)
+
     def _graph(self, rows: int, width: int):
         key = (rows, width)
         if key not in self.graphs:

@@ -91,6 +91,7 @@ class WorkerOptions:
     tensor_parallel_size: int = 1  # > 1: the worker is a group of shards (workers/tp_group.py)
     cuda_graph_tokens: int = 8192  # on CUDA: static KV pool + CUDA-graph replay up to this length; 0 = eager
     warmup: bool = True  # a few tokens through every path at start, not in the first requests' TTFT
+    warmup_graph_tokens: int = 2048  # with warmup on CUDA: batched-decode graphs captured at start up to this KV length
 
     @classmethod
     def coerce(cls, options: "WorkerOptions | dict | None") -> "WorkerOptions":
@@ -220,19 +221,27 @@ class Worker:
                  self.fingerprint, runner.device, opts.channel)
 
     def _warm_up(self) -> None:
-        """A short prompt alone (prefill, decode, the one-token CUDA graph) and two at once through
-        the batcher (the batched step and its graph). On a fresh GPU process the first requests
-        otherwise pay for kernel compilation and graph capture inside their TTFT."""
+        """A short prompt alone (prefill, decode, the one-token CUDA graph), on CUDA a 1k-token
+        prefill, and two short prompts at once through the batcher, which then captures its batched
+        step's graphs (every batch bucket up to ``warmup_graph_tokens`` of KV). On a fresh GPU
+        process the first requests otherwise pay for kernel compilation and graph capture inside
+        their TTFT."""
         t0 = time.perf_counter()
-        ids = [2 + i % (self.runner.spec.vocab_size - 2) for i in range(16)]
+        ids = self._warm_up_ids(16)
         try:
             self.engine.generate(ids, max_tokens=3, stop_ids=(), keep_segment=False)
+            if self.runner.device.type == "cuda":  # a long prefill's first run is slow too (allocator, GEMM shapes)
+                self.engine.generate(self._warm_up_ids(1024), max_tokens=1, stop_ids=(), keep_segment=False)
             if self._batcher is not None:
-                self._batcher.warm_up(ids)
+                self._batcher.warm_up(ids, graph_tokens=self.options.warmup_graph_tokens)
         except Exception as e:  # noqa: BLE001 - a failed warm-up only costs the first requests time
             log.warning("worker warm-up failed (%s: %s)", type(e).__name__, e)
             return
         log.info("worker %s warmed up in %.2f s", self.worker_id, time.perf_counter() - t0)
+
+    def _warm_up_ids(self, n: int) -> list[int]:
+        n = min(n, self.engine.max_context // 2)
+        return [2 + i % (self.runner.spec.vocab_size - 2) for i in range(n)]
 
     def _make_tiers(self, opts: WorkerOptions) -> TieredStore:
         gpu = None

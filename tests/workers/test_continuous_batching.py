@@ -124,6 +124,19 @@ def test_graph_buckets_pad_rows_and_widths_to_few_shapes():
     assert width_bucket(1, 64) == 4 and width_bucket(17, 64) == 32  # 1,088 tokens -> 2,048
 
 
+def test_capture_buckets_asks_for_every_row_and_width_bucket_within_the_limits(monkeypatch):
+    from workers.paged_decode import GraphedPagedStep
+    r = tiny()
+    step = GraphedPagedStep(r, BlockManager(r, 300, 16), max_batch=20, max_tokens=3000)
+    asked = []
+    monkeypatch.setattr(step, "_graph", lambda rows, width: asked.append((rows, width)) or step.graphs.setdefault((rows, width), None))
+    assert step.capture_buckets(2000) == 6 * 4  # rows 1, 2, 4, 8, 16, 24; 256, 512, 1,024, 2,048 tokens
+    assert sorted(asked) == [(r_, w) for r_ in (1, 2, 4, 8, 16, 24) for w in (16, 32, 64, 128)]
+    asked.clear()
+    step.capture_buckets(10**6)  # never past the step's own width limit (3,072 tokens)
+    assert max(w for _, w in asked) == step.max_width == 192
+
+
 def test_the_batcher_graphs_nothing_on_cpu():
     b = ContinuousBatcher(ReuseEngine(tiny(), settings=FULL), blocks=BlockManager(tiny(), 8, 4))
     assert b.graphed is None and b.blocks.scratch is None and b.blocks.num_blocks == 8

@@ -179,6 +179,39 @@ def test_graphed_paged_step_matches_the_eager_step_as_batch_and_widths_change(kv
     assert not step.fits([9])  # past max_tokens: the batcher runs the eager step
 
 
+def test_captured_buckets_serve_a_burst_without_new_captures():
+    """After ``capture_buckets`` every batch and width a burst reaches is already a graph, and the
+    replayed steps give the eager step's logits."""
+    from workers.block_manager import BlockManager
+    from workers.engine import ReuseEngine, ReuseSettings
+    from workers.paged_decode import GraphedPagedStep, paged_decode_step
+    r = random_runner(SPEC, "cuda", torch.float32, seed=3, std=0.1)
+    eng = ReuseEngine(r, settings=ReuseSettings(mode="full"))
+    eager, paged = BlockManager(r, 200, 16), BlockManager(r, 201, 16)
+    step = GraphedPagedStep(r, paged, max_batch=6, max_tokens=1024)
+    assert step.capture_buckets(600) == 12  # rows 1, 2, 4, 8 x widths 256, 512, 1,024 tokens
+    held = dict(step.graphs)
+    for i, n in enumerate((40, 300, 520)):
+        seq, _ = eng.prefill(_ids(n, 40 + i), max_tokens=0, keep_segment=False)
+        for bm in (eager, paged):
+            bm.allocate(i, n)
+            bm.write(i, seq.cache.k[:, :, :n], seq.cache.v[:, :, :n])
+    for t in range(4):
+        sids = [0, 1, 2][: 3 - t % 3]
+        toks = [(5 * t + i) % SPEC.vocab_size for i in sids]
+        torch.testing.assert_close(step(sids, toks), paged_decode_step(r, eager, sids, toks), atol=2e-4, rtol=1e-4)
+    assert step.graphs == held
+
+
+def test_worker_warm_up_captures_the_batched_graphs_before_serving():
+    w = _worker("warm", POOL, True, kv_pool_bytes=2 << 20, max_batch=4, warmup_graph_tokens=256)
+    try:
+        assert set(w._batcher.graphed.graphs) == {(1, 16), (2, 16), (4, 16)}
+        assert w._batcher.snapshot()["prefills"] == 0  # the warm-up's counters are gone
+    finally:
+        w.shutdown()
+
+
 @pytest.mark.parametrize("dtype,block_size,d", [(torch.float32, 16, 32), (torch.bfloat16, 16, 128),
                                                 (torch.bfloat16, 64, 128)])
 def test_paged_attention_kernel_matches_gathered_sdpa(dtype, block_size, d):
