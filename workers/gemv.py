@@ -63,28 +63,57 @@ def tiling_for(n_out: int, k: int, glu: bool) -> GemvTiling:
     return GemvTiling(8, 512, 4, 3)
 
 
-def supports(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether the kernel runs for x [1, K] against w [N, K] (contiguous rows)."""
-    return (triton is not None and (x.is_cuda or _INTERPRET) and x.dim() == 2 and x.shape[0] == 1
+MAX_ROWS = 16  # the few-row kernel's limit: one tensor-core tile of rows (tl.dot's minimum M)
+ROWS_ENABLED = os.environ.get("KVCLUSTER_GEMV_ROWS", "1") == "1"
+
+
+@dataclass(frozen=True)
+class RowsTiling:
+    block_n: int = 32
+    block_k: int = 128
+    warps: int = 4
+    stages: int = 4
+
+
+def rows_tiling_for(n_out: int, k: int, glu: bool) -> RowsTiling:
+    """Enough programs to fill the GPU for the narrow outputs; longer K slices for long rows."""
+    if glu:
+        return RowsTiling(32, 128, 4, 4)
+    if n_out <= 4096:
+        return RowsTiling(16, 256, 4, 4) if k >= 8192 else RowsTiling(16, 128, 4, 4)
+    return RowsTiling(32, 128, 4, 4)
+
+
+def supports(x: torch.Tensor, w: torch.Tensor, max_rows: int = 1) -> bool:
+    """Whether the kernel runs for x [M, K] against w [N, K] (contiguous rows), M <= ``max_rows``
+    (the few-row kernel takes 2..MAX_ROWS)."""
+    return (triton is not None and (x.is_cuda or _INTERPRET) and x.dim() == 2
+            and 1 <= x.shape[0] <= min(max_rows, MAX_ROWS) and (x.shape[0] == 1 or ROWS_ENABLED)
             and x.shape[1] == w.shape[1] and w.stride(1) == 1 and x.dtype == w.dtype)
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, norm_w: torch.Tensor | None = None, eps: float = 1e-6,
          glu: bool = False, residual: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-         tiling: GemvTiling | None = None) -> torch.Tensor:
-    """x [1, K] @ w[N, K]^T -> [1, N] (or [1, N/2] with ``glu``), with the options above."""
-    k = x.shape[1]
+         tiling: GemvTiling | RowsTiling | None = None) -> torch.Tensor:
+    """x [M, K] @ w[N, K]^T -> [M, N] (or [M, N/2] with ``glu``), with the options above; M = 1
+    by the GEMV kernel, 2..MAX_ROWS by the few-row kernel (one tensor-core tile of rows: the
+    weights are read once for all of them)."""
+    m, k = x.shape
     n_out = w.shape[0] // 2 if glu else w.shape[0]
+    if not 1 <= m <= MAX_ROWS:
+        raise ValueError(f"gemv: {m} rows; the kernels take 1..{MAX_ROWS}")
     if glu and w.shape[0] % 2:
         raise ValueError(f"gemv: a [gate; up] weight needs an even row count, got {w.shape[0]}")
-    if residual is not None and residual.shape != (1, n_out):
-        raise ValueError(f"gemv: residual {tuple(residual.shape)} does not fit output [1, {n_out}]")
+    if residual is not None and residual.shape != (m, n_out):
+        raise ValueError(f"gemv: residual {tuple(residual.shape)} does not fit output [{m}, {n_out}]")
     if bias is not None and bias.shape != (w.shape[0],):
         raise ValueError(f"gemv: bias {tuple(bias.shape)} does not fit {w.shape[0]} rows")
     if norm_w is not None and norm_w.shape != (k,):
         raise ValueError(f"gemv: norm weight {tuple(norm_w.shape)} does not fit K = {k}")
     x = x.contiguous()
-    out = torch.empty(1, n_out, dtype=x.dtype, device=x.device)
+    out = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
+    if m > 1:
+        return _rows(x, w, norm_w, eps, glu, residual, bias, out, tiling or rows_tiling_for(n_out, k, glu))
     t = tiling or tiling_for(n_out, k, glu)
     grid = (triton.cdiv(n_out, t.block_n),)
     _gemv[grid](x, norm_w if norm_w is not None else x, w, bias if bias is not None else x,
@@ -92,6 +121,18 @@ def gemv(x: torch.Tensor, w: torch.Tensor, norm_w: torch.Tensor | None = None, e
                 NORM=norm_w is not None, GLU=glu, RESIDUAL=residual is not None, BIAS=bias is not None,
                 EVEN_K=k % t.block_k == 0, BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.warps,
                 num_stages=t.stages)
+    return out
+
+
+def _rows(x, w, norm_w, eps, glu, residual, bias, out, t: RowsTiling) -> torch.Tensor:
+    m, k = x.shape
+    n_out = out.shape[1]
+    grid = (triton.cdiv(n_out, t.block_n),)
+    _gemv_rows[grid](x, norm_w if norm_w is not None else x, w, bias if bias is not None else x,
+                     residual.contiguous() if residual is not None else x, out, m, k, n_out, w.stride(0), eps,
+                     NORM=norm_w is not None, GLU=glu, RESIDUAL=residual is not None, BIAS=bias is not None,
+                     EVEN_K=k % t.block_k == 0, IEEE=x.dtype == torch.float32, BLOCK_M=MAX_ROWS,
+                     BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.warps, num_stages=t.stages)
     return out
 
 
@@ -146,3 +187,66 @@ if triton is not None:
         if RESIDUAL:
             y = _round(y, out) + tl.load(res + rows, mask=live, other=0.0).to(tl.float32)
         tl.store(out + rows, y.to(out.dtype.element_ty), mask=live)
+
+    @triton.jit
+    def _dot_t(a, wt, acc, IEEE: tl.constexpr):
+        """acc + a @ wt^T (float32 operands exactly, as F.linear in float32)."""
+        if IEEE:
+            return tl.dot(a, tl.trans(wt), acc, input_precision="ieee")
+        return tl.dot(a, tl.trans(wt), acc)
+
+    @triton.jit
+    def _gemv_rows(x, nw, w, b, res, out, M, K, N_OUT, stride_w, eps,
+                   NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr, BIAS: tl.constexpr,
+                   EVEN_K: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+        """BLOCK_N output features for all M (<= BLOCK_M) rows: each weight slice is read once and
+        multiplied by the rows' slice on the tensor cores; norm, bias, SiLU x up and residual as
+        in ``_gemv``. The norm's weight is applied to x before the product (rounded to x's dtype,
+        the operand type), its 1/rms after."""
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        live = cols < N_OUT
+        cols64 = cols.to(tl.int64)
+        ms = tl.arange(0, BLOCK_M)
+        mlive = ms < M
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        sq = tl.zeros([BLOCK_M], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            if EVEN_K:
+                xmask = mlive[:, None]
+                wmask = live[:, None]
+            else:
+                xmask = mlive[:, None] & (ks[None, :] < K)
+                wmask = live[:, None] & (ks[None, :] < K)
+            xk = tl.load(x + ms[:, None] * K + ks[None, :], mask=xmask, other=0.0)
+            if NORM:
+                xf = xk.to(tl.float32)
+                sq += tl.sum(xf * xf, 1)
+                xk = (xf * tl.load(nw + ks, mask=ks < K, other=0.0).to(tl.float32)[None, :]).to(xk.dtype)
+            wt = tl.load(w + cols64[:, None] * stride_w + ks[None, :], mask=wmask, other=0.0)
+            acc = _dot_t(xk, wt, acc, IEEE)
+            if GLU:
+                wu = tl.load(w + (cols64 + N_OUT)[:, None] * stride_w + ks[None, :], mask=wmask, other=0.0)
+                acc_up = _dot_t(xk, wu, acc_up, IEEE)
+        y = acc
+        if NORM:
+            rstd = 1.0 / tl.sqrt(sq / K + eps)
+            y = y * rstd[:, None]
+        if BIAS:
+            y += tl.load(b + cols, mask=live, other=0.0).to(tl.float32)[None, :]
+        y = _round(y, out)
+        if GLU:
+            up = acc_up
+            if NORM:
+                up = up * rstd[:, None]
+            if BIAS:
+                up += tl.load(b + N_OUT + cols, mask=live, other=0.0).to(tl.float32)[None, :]
+            up = _round(up, out)
+            y = _round(y / (1.0 + tl.exp(-y)), out) * up
+        at = ms[:, None] * N_OUT + cols[None, :]
+        both = mlive[:, None] & live[None, :]
+        if RESIDUAL:
+            y = _round(y, out) + tl.load(res + at, mask=both, other=0.0).to(tl.float32)
+        tl.store(out + at, y.to(out.dtype.element_ty), mask=both)

@@ -177,6 +177,12 @@ class LlamaRunner:
             return gemv.gemv(h, self.lm_head, norm_w=self.final_norm, eps=self.spec.rms_norm_eps)
         return F.linear(self._norm(h, self.final_norm), self.lm_head)
 
+    def few_row_kernels(self, rows: int) -> bool:
+        """Inside a graph capture, unsharded: a step of ``rows`` tokens may run its linears through
+        the GEMV kernels (workers/gemv.py) and its K/V writes through the q/k/v kernel."""
+        return (self.gemv_kernel and self.qkv_kernel and self._fusing and self.reduce is None
+                and (rows == 1 or (gemv.ROWS_ENABLED and rows <= gemv.MAX_ROWS)))
+
     def _one_token_gemv(self, x: torch.Tensor, w: torch.Tensor) -> bool:
         """Inside a one-token graph capture, unsharded: the GEMV kernel takes this linear."""
         return self.gemv_kernel and self._fusing and self.reduce is None and gemv.supports(x, w)

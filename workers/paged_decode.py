@@ -22,6 +22,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from workers import gemv, qkv_write
 from workers.block_manager import BlockManager
 from workers.model_runner import LlamaRunner, Positions
 from workers.paged_attention import available as kernel_available, paged_attend
@@ -29,6 +30,8 @@ from workers.paged_attention import available as kernel_available, paged_attend
 log = logging.getLogger(__name__)
 # attention straight from the blocks (workers/paged_attention.py) on CUDA; 0: gather + SDPA (A/B)
 PAGED_KERNEL = os.environ.get("KVCLUSTER_PAGED_KERNEL", "1") != "0"
+# in graphs of up to 16 rows: GEMV-kernel linears and the q/k/v kernel (_few_row_layers); 0: off (A/B)
+PAGED_GEMV = os.environ.get("KVCLUSTER_PAGED_GEMV", "1") != "0"
 
 
 def _layers(runner: LlamaRunner, blocks: BlockManager, tok: torch.Tensor, pos: torch.Tensor,
@@ -37,6 +40,8 @@ def _layers(runner: LlamaRunner, blocks: BlockManager, tok: torch.Tensor, pos: t
     s, dev = runner.spec, runner.device
     B = tok.shape[0]
     kernel = PAGED_KERNEL and kernel_available(tok)  # the kernel reads the positions itself
+    if kernel and PAGED_GEMV and runner.few_row_kernels(B):
+        return _few_row_layers(runner, blocks, tok, pos, blk, off, table)
     mask = None
     if not kernel:  # [B, 1, 1, W] over the gathered, padded blocks
         keys = torch.arange(table.shape[1] * blocks.block_size, device=dev)
@@ -64,6 +69,41 @@ def _layers(runner: LlamaRunner, blocks: BlockManager, tok: torch.Tensor, pos: t
         h = h + F.linear(o.reshape(B, s.num_heads * s.head_dim), runner.layers[layer].w_o)
         h = h + runner.mlp(layer, h)
     return runner.logits(h)
+
+
+def _few_row_layers(runner: LlamaRunner, blocks: BlockManager, tok: torch.Tensor, pos: torch.Tensor,
+                    blk: torch.Tensor, off: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``_layers`` for up to gemv.MAX_ROWS sequences in graphs: each linear reads its weights once
+    for all rows with the norm, SiLU x up and residual folded in (workers/gemv.py), and one kernel
+    rotates q/k and writes K/V into the blocks (workers/qkv_write.py): 6 kernels a layer for ~17."""
+    s, eps = runner.spec, runner.spec.rms_norm_eps
+    B, g = tok.shape[0], s.num_heads // s.num_kv_heads
+    cos, sin = runner.rope.cos_sin(pos, runner.dtype)
+    row = blk * (s.num_kv_heads * blocks.block_size) + off  # each token's row in _rows_view
+    p = Positions(pos, "mask", cos, sin, None)
+    h = runner.embed(tok)
+    for layer in range(s.num_layers):
+        lw, slot = runner.layers[layer], runner.kv_slot[layer]
+        if lw.w_qkv.shape[0] > s.q_size:  # the layer owns its K/V
+            x = gemv.gemv(h, lw.w_qkv, norm_w=lw.attn_norm, eps=eps, bias=lw.b_qkv)
+            q = qkv_write.write_qkv(x, cos, sin, row, _rows_view(blocks.k[slot]), _rows_view(blocks.v[slot]),
+                                    s.num_heads, s.num_kv_heads)
+        else:  # KVSharer: q only, K/V from the layer it shares
+            q = runner.qkv(layer, h, p)[0]
+        qf = q.transpose(0, 1).reshape(B, s.num_kv_heads, g, s.head_dim)
+        o = paged_attend(qf, blocks.k[slot], blocks.v[slot], table, pos, runner.scale)
+        h = gemv.gemv(o, lw.w_o, residual=h)
+        act = gemv.gemv(h, lw.w_gate_up, norm_w=lw.mlp_norm, eps=eps, glu=True)
+        h = gemv.gemv(act, lw.w_down, residual=h)
+    return gemv.gemv(h, runner.lm_head, norm_w=runner.final_norm, eps=eps)
+
+
+def _rows_view(pool: torch.Tensor) -> torch.Tensor:
+    """One layer's blocks [num_blocks, Hkv, block_size, d] seen as [Hkv, rows, d], as a contiguous
+    cache is, where block b's offset o is row b * Hkv * block_size + o: so the cache writer of
+    workers/qkv_write.py places K/V into blocks."""
+    nb, kv_heads, bs, d = pool.shape
+    return pool.as_strided((kv_heads, (nb - 1) * kv_heads * bs + bs, d), (bs * d, d, 1))
 
 
 def _append(blocks: BlockManager, seq_ids: list[int]) -> tuple[list[int], list[int], list[int]]:

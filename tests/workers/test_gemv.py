@@ -28,9 +28,9 @@ def _reference(x, w, norm_w=None, eps=1e-5, glu=False, residual=None, bias=None)
     return residual + y if residual is not None else y
 
 
-def _tensors(k, n, dtype, seed=0):
+def _tensors(k, n, dtype, seed=0, m=1):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, k, generator=g).to(DEV, dtype)
+    x = torch.randn(m, k, generator=g).to(DEV, dtype)
     w = (torch.randn(n, k, generator=g) * k ** -0.5).to(DEV, dtype)
     return x, w, g
 
@@ -84,7 +84,13 @@ def test_shapes_that_do_not_fit_are_refused():
         gemv.gemv(x, w, residual=torch.zeros(1, 32, device=DEV))
     with pytest.raises(ValueError, match="norm weight"):
         gemv.gemv(x, w, norm_w=torch.ones(64, device=DEV))
-    assert not gemv.supports(torch.zeros(2, 128, device=DEV), w)  # one row only
+    assert not gemv.supports(torch.zeros(2, 128, device=DEV), w)  # one row unless asked for more
+    assert gemv.supports(torch.zeros(16, 128, device=DEV), w, max_rows=16)
+    assert not gemv.supports(torch.zeros(17, 128, device=DEV), w, max_rows=32)
+    with pytest.raises(ValueError, match="1..16"):
+        gemv.gemv(torch.zeros(17, 128, device=DEV), w)
+    with pytest.raises(ValueError, match=r"residual .* \[3, 33\]"):
+        gemv.gemv(torch.zeros(3, 128, device=DEV), w, residual=torch.zeros(1, 33, device=DEV))
 
 
 def test_tiling_per_shape():
@@ -110,3 +116,29 @@ def test_smollm2_shapes(k, n, norm, glu, res):
     h = torch.randn(1, n // 2 if glu else n, generator=g).to(DEV) if res else None
     got = gemv.gemv(x, w, norm_w=nw, eps=1e-5, glu=glu, residual=h)
     _close(got, _reference(x, w, norm_w=nw, glu=glu, residual=h), torch.float32)
+
+
+ROWS_TILINGS = [None, gemv.RowsTiling(16, 64, 4, 2), gemv.RowsTiling(32, 128, 4, 3)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [2, 5, 16])
+@pytest.mark.parametrize("tiling", ROWS_TILINGS)
+def test_few_rows_plain_and_with_norm_glu(dtype, m, tiling):
+    """2..16 rows (a batched decode step) through the few-row kernel: each weight read once."""
+    x, w, g = _tensors(320, 2 * 72, dtype, seed=5, m=m)  # K = 320: not a multiple of the K slices
+    _close(gemv.gemv(x, w, tiling=tiling), _reference(x, w), dtype)
+    x = x * 3.0
+    nw = (1 + 0.1 * torch.randn(320, generator=g)).to(DEV, dtype)
+    _close(gemv.gemv(x, w, norm_w=nw, eps=1e-5, glu=True, tiling=tiling), _reference(x, w, norm_w=nw, glu=True), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [3, 8])
+def test_few_rows_residual_and_bias(dtype, m):
+    x, w, g = _tensors(256, 96, dtype, seed=6, m=m)
+    res = torch.randn(m, 96, generator=g).to(DEV, dtype)
+    b = torch.randn(96, generator=g).to(DEV, dtype)
+    _close(gemv.gemv(x, w, residual=res), _reference(x, w, residual=res), dtype)
+    nw = torch.rand(256, generator=g).to(DEV, dtype) + 0.5
+    _close(gemv.gemv(x, w, norm_w=nw, eps=1e-6, bias=b), _reference(x, w, norm_w=nw, eps=1e-6, bias=b), dtype)

@@ -13,7 +13,7 @@ ABSENT = ["rapidfuzz", "rapidfuzz.distance", "redis", "hiredis", "ray", "qdrant_
 
 @pytest.mark.parametrize("module", ["reuse_gpu_bench", "diag_reuse_profile", "qps_gpu_bench",
                                     "kvsharer_gpu_bench", "tp_gpu_check", "transport_bench", "pick_variant",
-                                    "diag_small_pass", "diag_skinny_gemm", "diag_gemv",
+                                    "diag_small_pass", "diag_skinny_gemm", "diag_gemv", "diag_gemv_rows",
                                     "diag_linear_orientation", "worker_gpu_bench", "diag_worker_reuse", "diag_worker_burst",
                                     "paged_decode_gpu_bench"])
 def test_gpu_benchmark_imports_without_service_packages(module):
