@@ -9,8 +9,8 @@ Per (B, N), ms per step, median of ``--steps`` steps after two warm-up steps, fo
 - eager, kernel: op by op, attention read straight from the blocks (workers/paged_attention.py);
 - graph, gather / graph, kernel: the same replayed as a CUDA graph (``GraphedPagedStep``);
 - graph, kernel + GEMV: in the graph, up to 16 rows, the linears as GEMV kernels with the norm,
-  SiLU x up and residual folded in, K/V written by the q/k/v kernel (``KVCLUSTER_PAGED_GEMV=0``
-  is "graph, kernel").
+  SiLU x up and residual folded in, K/V written by the q/k/v kernel (``KVCLUSTER_PAGED_GEMV=1``;
+  without it, "graph, kernel").
 Against the limit: the weights (and LM head) read once plus every sequence's K/V read once, over
 the device-to-device copy bandwidth measured in the same run. Output tokens/s = B / step time.
 Needs torch and triton only.
@@ -93,7 +93,7 @@ def main() -> None:
                     bm.free(i)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    pd.PAGED_KERNEL = pd.PAGED_GEMV = True
+    pd.PAGED_KERNEL, pd.PAGED_GEMV = True, False
     out = {"benchmark": "paged_decode_gpu", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
            "device": torch.cuda.get_device_name(), "host": platform.node(), "torch": torch.__version__,

@@ -26,6 +26,7 @@ SPEC = ModelSpec(vocab_size=300, hidden_size=128, num_layers=4, num_heads=8, num
 @pytest.mark.parametrize("batch", [1, 4, 16])
 def test_few_row_step_matches_the_op_by_op_step(kv_source, batch, monkeypatch):
     monkeypatch.setattr(paged_decode, "kernel_available", lambda t: True)  # the paged kernel on CPU too
+    monkeypatch.setattr(paged_decode, "PAGED_GEMV", True)
     r = random_runner(SPEC, DEV, torch.float32, seed=3, std=0.1)
     if kv_source:
         r.share_kv(kv_source)
