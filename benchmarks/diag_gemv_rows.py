@@ -25,14 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.diag_gemv import EPS, OPS, torch_ops  # noqa: E402
 from benchmarks.diag_skinny_gemm import cycler, weight_copies  # noqa: E402
 from benchmarks.diag_small_pass import graphed_us  # noqa: E402
-from workers.gemv import RowsTiling, gemv, rows_tiling_for  # noqa: E402
+from workers.gemv import GemvTiling, gemv, rows_tiling_for  # noqa: E402
 
 
-def sweep() -> list[RowsTiling]:
-    return [RowsTiling(*t) for t in itertools.product((16, 32, 64), (64, 128, 256), (4,), (3, 5))]
+def sweep() -> list[GemvTiling]:
+    return [GemvTiling(*t) for t in itertools.product((16, 32, 64), (64, 128, 256), (4,), (3, 5))]
 
 
-def kernel(op: str, x, w, nw, h, t: RowsTiling):
+def kernel(op: str, x, w, nw, h, t: GemvTiling):
     _, _, norm, glu, res = OPS[op]
     return gemv(x, w, norm_w=nw if norm else None, eps=EPS, glu=glu, residual=h if res else None, tiling=t)
 

@@ -67,21 +67,14 @@ MAX_ROWS = 16  # the few-row kernel's limit: one tensor-core tile of rows (tl.do
 ROWS_ENABLED = os.environ.get("KVCLUSTER_GEMV_ROWS", "1") == "1"
 
 
-@dataclass(frozen=True)
-class RowsTiling:
-    block_n: int = 32
-    block_k: int = 128
-    warps: int = 4
-    stages: int = 4
-
-
-def rows_tiling_for(n_out: int, k: int, glu: bool) -> RowsTiling:
-    """Enough programs to fill the GPU for the narrow outputs; longer K slices for long rows."""
+def rows_tiling_for(n_out: int, k: int, glu: bool) -> GemvTiling:
+    """The few-row kernel's tiling (a first guess, not yet swept on a GPU): enough programs to
+    fill the GPU for the narrow outputs, longer K slices for long rows."""
     if glu:
-        return RowsTiling(32, 128, 4, 4)
+        return GemvTiling(32, 128, 4, 4)
     if n_out <= 4096:
-        return RowsTiling(16, 256, 4, 4) if k >= 8192 else RowsTiling(16, 128, 4, 4)
-    return RowsTiling(32, 128, 4, 4)
+        return GemvTiling(16, 256, 4, 4) if k >= 8192 else GemvTiling(16, 128, 4, 4)
+    return GemvTiling(32, 128, 4, 4)
 
 
 def supports(x: torch.Tensor, w: torch.Tensor, max_rows: int = 1) -> bool:
@@ -94,7 +87,7 @@ def supports(x: torch.Tensor, w: torch.Tensor, max_rows: int = 1) -> bool:
 
 def gemv(x: torch.Tensor, w: torch.Tensor, norm_w: torch.Tensor | None = None, eps: float = 1e-6,
          glu: bool = False, residual: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-         tiling: GemvTiling | RowsTiling | None = None) -> torch.Tensor:
+         tiling: GemvTiling | None = None) -> torch.Tensor:
     """x [M, K] @ w[N, K]^T -> [M, N] (or [M, N/2] with ``glu``), with the options above; M = 1
     by the GEMV kernel, 2..MAX_ROWS by the few-row kernel (one tensor-core tile of rows: the
     weights are read once for all of them)."""
@@ -124,7 +117,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, norm_w: torch.Tensor | None = None, e
     return out
 
 
-def _rows(x, w, norm_w, eps, glu, residual, bias, out, t: RowsTiling) -> torch.Tensor:
+def _rows(x, w, norm_w, eps, glu, residual, bias, out, t: GemvTiling) -> torch.Tensor:
     m, k = x.shape
     n_out = out.shape[1]
     grid = (triton.cdiv(n_out, t.block_n),)

@@ -118,7 +118,7 @@ def test_smollm2_shapes(k, n, norm, glu, res):
     _close(got, _reference(x, w, norm_w=nw, glu=glu, residual=h), torch.float32)
 
 
-ROWS_TILINGS = [None, gemv.RowsTiling(16, 64, 4, 2), gemv.RowsTiling(32, 128, 4, 3)]
+ROWS_TILINGS = [None, gemv.GemvTiling(16, 64, 4, 2), gemv.GemvTiling(32, 128, 4, 3)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
