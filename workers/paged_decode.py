@@ -101,6 +101,20 @@ def _few_row_layers(runner: LlamaRunner, blocks: BlockManager, tok: torch.Tensor
     return gemv.gemv(h, runner.lm_head, norm_w=runner.final_norm, eps=eps)
 
 
+def _drop_few_rows(runner: LlamaRunner, rows: int, error: Exception) -> bool:
+    """After a failed capture: whether it may have been the few-row kernels; if so they are off
+    for this process (a kernel that does not build here fails every capture), so the caller can
+    capture the op-by-op step instead of running eager."""
+    global PAGED_GEMV
+    with runner.fusing():
+        suspect = PAGED_GEMV and runner.few_row_kernels(rows)
+    if suspect:
+        PAGED_GEMV = False
+        log.warning("capturing the few-row decode step failed (%s: %s); it is off from now on",
+                    type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "")
+    return suspect
+
+
 def _rows_view(pool: torch.Tensor) -> torch.Tensor:
     """One layer's blocks [num_blocks, Hkv, block_size, d] seen as [Hkv, rows, d], as a contiguous
     cache is, where block b's offset o is row b * Hkv * block_size + o: so the cache writer of
@@ -207,6 +221,8 @@ class GraphedPagedStep:
                 self.graphs[key] = self._capture(rows, width)
             except Exception as e:  # noqa: BLE001 - out of memory, an op that cannot be captured
                 torch.cuda.synchronize(self.runner.device)
+                if _drop_few_rows(self.runner, rows, e):
+                    return self._graph(rows, width)
                 raise GraphCaptureError(f"capturing the paged decode step ({rows} rows, {width} "
                                         f"blocks) failed: {type(e).__name__}: {e}") from e
         return self.graphs[key]

@@ -59,3 +59,12 @@ def test_more_rows_than_the_kernel_takes_stay_op_by_op():
     with r.fusing():
         assert r.few_row_kernels(16) and not r.few_row_kernels(17)
     assert not r.few_row_kernels(4)  # outside a capture
+
+
+def test_a_failed_few_row_capture_turns_the_path_off_once(monkeypatch):
+    r = random_runner(SPEC, DEV, torch.float32, seed=3, std=0.1)
+    r.gemv_kernel = r.qkv_kernel = r.fuse = True
+    monkeypatch.setattr(paged_decode, "PAGED_GEMV", True)
+    assert paged_decode._drop_few_rows(r, 4, RuntimeError("no kernel"))
+    assert not paged_decode.PAGED_GEMV
+    assert not paged_decode._drop_few_rows(r, 4, RuntimeError("out of memory"))  # not the kernels: give up

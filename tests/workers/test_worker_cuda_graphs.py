@@ -203,6 +203,31 @@ def test_captured_buckets_serve_a_burst_without_new_captures():
     assert step.graphs == held
 
 
+def test_a_few_row_kernel_that_fails_to_capture_leaves_the_op_by_op_graph(monkeypatch):
+    from workers import gemv, paged_decode
+    from workers.block_manager import BlockManager
+    from workers.engine import ReuseEngine, ReuseSettings
+    r = random_runner(SPEC, "cuda", torch.float32, seed=3, std=0.1)
+    if not r.gemv_kernel:
+        pytest.skip("no GEMV kernel here")
+    monkeypatch.setattr(paged_decode, "PAGED_GEMV", True)
+
+    def broken(*a, **k):
+        raise RuntimeError("this kernel does not build here")
+    monkeypatch.setattr(gemv, "gemv", broken)
+    eng = ReuseEngine(r, settings=ReuseSettings(mode="full"))
+    eager, paged = BlockManager(r, 40, 16), BlockManager(r, 41, 16)
+    step = paged_decode.GraphedPagedStep(r, paged, max_batch=4, max_tokens=256)
+    for i, n in enumerate((30, 70)):
+        seq, _ = eng.prefill(_ids(n, 60 + i), max_tokens=0, keep_segment=False)
+        for bm in (eager, paged):
+            bm.allocate(i, n)
+            bm.write(i, seq.cache.k[:, :, :n], seq.cache.v[:, :, :n])
+    got = step([0, 1], [5, 6])
+    assert not paged_decode.PAGED_GEMV and step.graphs
+    torch.testing.assert_close(got, paged_decode.paged_decode_step(r, eager, [0, 1], [5, 6]), atol=2e-4, rtol=1e-4)
+
+
 def test_worker_warm_up_captures_the_batched_graphs_before_serving():
     w = _worker("warm", POOL, True, kv_pool_bytes=2 << 20, max_batch=4, warmup_graph_tokens=256)
     try:
