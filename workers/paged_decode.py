@@ -78,7 +78,7 @@ def _few_row_layers(runner: LlamaRunner, blocks: BlockManager, tok: torch.Tensor
                     blk: torch.Tensor, off: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """``_layers`` for up to gemv.MAX_ROWS sequences in graphs: each linear reads its weights once
     for all rows with the norm, SiLU x up and residual folded in (workers/gemv.py), and one kernel
-    rotates q/k and writes K/V into the blocks (workers/qkv_write.py): 6 kernels a layer for ~17."""
+    rotates q/k and writes K/V into the blocks (workers/qkv_write.py): 8 kernels a layer for ~20."""
     s, eps = runner.spec, runner.spec.rms_norm_eps
     B, g = tok.shape[0], s.num_heads // s.num_kv_heads
     cos, sin = runner.rope.cos_sin(pos, runner.dtype)
