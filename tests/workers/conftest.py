@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -12,7 +14,12 @@ TINY = ModelSpec(vocab_size=257, hidden_size=64, num_layers=4, num_heads=4, num_
 def smollm2():
     from workers.model_loader import load_runner, load_tokenizer
     torch.manual_seed(0)
-    return load_runner("smollm2-135m"), load_tokenizer("smollm2-135m")
+    try:
+        return load_runner("smollm2-135m"), load_tokenizer("smollm2-135m")
+    except FileNotFoundError as e:
+        if os.environ.get("CI"):
+            raise  # CI installs the weights: missing there is a failure
+        pytest.skip(f"{e} (a lent GPU machine has no weights)")
 
 
 @pytest.fixture()
