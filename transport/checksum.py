@@ -19,6 +19,8 @@ def _words(t: torch.Tensor) -> torch.Tensor:
     flat = t.detach().contiguous().view(-1).view(torch.uint8)
     for dtype, size in ((torch.int64, 8), (torch.int32, 4)):
         if flat.numel() % size == 0:
+            if flat.storage_offset() % size:  # a view at an odd address: the same words, copied
+                flat = flat.clone()
             return flat.view(dtype)
     return flat
 
@@ -32,17 +34,72 @@ def _sums(t: torch.Tensor):
     return torch.stack([w.sum(dtype=torch.int64), w[1::2].sum(dtype=torch.int64)])
 
 
+def _place(t: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """(storage address, byte offset in it, word size, words) of a contiguous tensor, else None."""
+    if not t.is_contiguous() or t.numel() == 0:
+        return None
+    nbytes = t.numel() * t.element_size()
+    ws = 8 if nbytes % 8 == 0 else 4 if nbytes % 4 == 0 else 1
+    base = t.untyped_storage().data_ptr()
+    off = t.data_ptr() - base
+    return (base, off, ws, nbytes // ws) if off % ws == 0 else None
+
+
+def strided_runs(tensors: list[torch.Tensor]) -> list[tuple[int, int, int]]:
+    """Maximal runs [a, b) of consecutive tensors that are equal-sized contiguous pieces of one
+    storage at a constant distance: (a, b, distance in words; 0 for a run of one). Blocks cut from
+    one buffer (a GPU tier's slab, a gathered read, a received payload) come as a few runs."""
+    places = [(t.device, t.dtype, _place(t)) for t in tensors]
+    out, n, a = [], len(tensors), 0
+    while a < n:
+        dev, dt, pa = places[a]
+        b, step = a + 1, None
+        while pa is not None and b < n:
+            dev_b, dt_b, pb = places[b]
+            if pb is None or (dev_b, dt_b) != (dev, dt) or (pb[0], pb[2], pb[3]) != (pa[0], pa[2], pa[3]):
+                break
+            d = pb[1] - places[b - 1][2][1]
+            if d % pa[2] or d // pa[2] < pa[3] or (step is not None and d // pa[2] != step):
+                break  # overlapping or irregular: not one strided view
+            step, b = d // pa[2], b + 1
+        out.append((a, b, step or 0))
+        a = b
+    return out
+
+
+def _run_sums(tensors: list[torch.Tensor], a: int, b: int, step: int):
+    """[b - a, 2] sums of a run, from one strided view of its words: two reductions in all."""
+    w = _words(tensors[a])
+    if b - a > 1:
+        w = w.as_strided((b - a, w.numel()), (step, 1))
+    else:
+        w = w.view(1, -1)
+    if w.device.type == "cpu":
+        arr = w.numpy()
+        with np.errstate(over="ignore"):
+            return torch.from_numpy(np.stack([arr.sum(-1, dtype=np.int64),
+                                              arr[:, 1::2].sum(-1, dtype=np.int64)], -1))
+    return torch.stack([w.sum(-1, dtype=torch.int64), w[:, 1::2].sum(-1, dtype=torch.int64)], -1)
+
+
 def device_checksums(tensors: list[torch.Tensor]) -> list[list[int]]:
-    """[sum, odd-word sum] per tensor, with one host sync at the end."""
+    """[sum, odd-word sum] per tensor, with one host sync at the end. Tensors that follow each
+    other in one buffer at a constant distance (see ``strided_runs``) are summed together: a
+    segment's blocks cost two reductions, not two each."""
     if not tensors:
         return []
-    parts = [_sums(t) for t in tensors]
+    parts = []
+    for a, b, step in strided_runs(tensors):
+        if b - a == 1 and _place(tensors[a]) is None:
+            parts.append(_sums(tensors[a]).view(1, 2))
+        else:
+            parts.append(_run_sums(tensors, a, b, step))
     # one device->host copy per device, blocking: a non_blocking copy read before the sync
     # returned garbage sums on a GPU (every block then looked corrupt)
     if len({p.device for p in parts}) == 1:
-        sums = torch.stack(parts).cpu()
+        sums = torch.cat(parts).cpu()
     else:
-        sums = torch.stack([p.cpu() for p in parts])
+        sums = torch.cat([p.cpu() for p in parts])
     return [[a & _MASK, b & _MASK] for a, b in sums.tolist()]
 
 

@@ -59,6 +59,27 @@ def test_gpu_tier_copies_and_detects_corruption():
     assert tier.stats.corrupt == 1 and not tier.contains("a")
 
 
+def test_gpu_tier_keeps_a_put_in_shared_buffers_and_still_finds_the_one_bad_block(monkeypatch):
+    import transport.checksum as checksum
+    import transport.tiers.gpu as gpu
+    monkeypatch.setattr(gpu, "SLAB_BYTES", 3 * make_block().nbytes)  # 3 blocks a buffer
+    tier = GPUTier(1 << 20)
+    blocks = [make_block(seed=i) for i in range(7)] + [make_block(tokens=5, seed=9)]  # last: shorter
+    tier.put_many([(f"b{i}", b) for i, b in enumerate(blocks)])
+    got = tier.get_many([f"b{i}" for i in range(8)])
+    assert all(same_block(h, w) for h, w in zip(got, blocks))
+    storages = [h.keys.untyped_storage().data_ptr() for h in got]
+    assert len(set(storages[:3])) == 1 and len(set(storages[3:6])) == 1 and len(set(storages)) == 4
+    runs = []
+    real = checksum.strided_runs
+    monkeypatch.setattr(checksum, "strided_runs", lambda ts: runs.append(real(ts)) or runs[-1])
+    got[4].keys.view(-1)[3] += 1.0  # one block in the middle of a shared buffer
+    again = tier.get_many([f"b{i}" for i in range(8)])
+    assert [i for i, h in enumerate(again) if h is None] == [4]
+    assert [b - a for a, b, _ in runs[-1]] == [3, 3, 1, 1] * 2  # keys, then values: 8 runs for 16 tensors
+    assert tier.stats.corrupt == 1
+
+
 def test_host_tier_detects_corruption():
     tier = HostTier(1 << 20)
     buf = bytearray(encode_block_bytes(make_block()))

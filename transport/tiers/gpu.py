@@ -14,6 +14,8 @@ from transport.block import KVBlock
 from transport.checksum import device_checksums
 from transport.tiers.base import LRUBytes, TierStats
 
+SLAB_BYTES = 64 << 20  # blocks copied in together share buffers of at most this size
+
 
 def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
@@ -36,13 +38,6 @@ class GPUTier:
     def used_bytes(self) -> int:
         return self._lru.used
 
-    def _own_copy(self, t: torch.Tensor) -> torch.Tensor:
-        # Always copy: the caller's tensor may be a view into a larger segment (its storage would
-        # stay alive, outside the budget) or may be overwritten later.
-        out = torch.empty(t.shape, dtype=t.dtype, device=self.device)
-        out.copy_(t, non_blocking=True)
-        return out
-
     def put_many(self, items: Sequence[tuple[str, KVBlock]], owned: bool = False,
                  sums: Sequence[tuple | None] | None = None) -> list[KVBlock | None]:
         """Store copies on the device; returns them (None where a block can never fit).
@@ -56,9 +51,7 @@ class GPUTier:
         if owned and all(b.keys.device == self.device for _, _, b in fits):
             copies = [b for _, _, b in fits]
         else:
-            copies = [KVBlock(b.fingerprint, b.layers, b.token_hash,
-                              self._own_copy(b.keys), self._own_copy(b.values))
-                      for _, _, b in fits]
+            copies = self._slab_copies([b for _, _, b in fits])
             sums = None  # the caller's sums were of its tensors, not of these copies
         if not self.verify:
             sums = [()] * len(copies)
@@ -75,10 +68,37 @@ class GPUTier:
             stored[key] = blk
         return [stored.get(k) for k, _ in items]
 
+    def _slab_copies(self, blocks: list[KVBlock]) -> list[KVBlock]:
+        """Copies of the blocks, each run of equal-shaped ones in one buffer [n, 2, ...] (keys,
+        values; at most SLAB_BYTES or one block): their checksums then take two reductions per
+        buffer instead of two per tensor. Always copies: the caller's tensor may be a view into a
+        larger segment (its storage would stay alive, outside the budget) or be overwritten later.
+        A buffer stays allocated until all its blocks are evicted; a segment's blocks are put,
+        read and aged together, so they mostly leave together, and SLAB_BYTES bounds the rest."""
+        out: list[KVBlock] = []
+        a = 0
+        while a < len(blocks):
+            k0 = blocks[a].keys
+            b = a + 1
+            per_slab = max(1, SLAB_BYTES // blocks[a].nbytes)
+            while (b < len(blocks) and b - a < per_slab and blocks[b].keys.shape == k0.shape
+                   and blocks[b].keys.dtype == k0.dtype):
+                b += 1
+            slab = torch.empty((b - a, 2, *k0.shape), dtype=k0.dtype, device=self.device)
+            for i, blk in enumerate(blocks[a:b]):
+                slab[i, 0].copy_(blk.keys, non_blocking=True)
+                slab[i, 1].copy_(blk.values, non_blocking=True)
+                out.append(KVBlock(blk.fingerprint, blk.layers, blk.token_hash, slab[i, 0], slab[i, 1]))
+            a = b
+        return out
+
     @staticmethod
     def _checksums(blocks: Sequence[KVBlock]) -> list[tuple[int, ...]]:
-        flat = device_checksums([t for b in blocks for t in (b.keys, b.values)])
-        return [tuple(flat[2 * i] + flat[2 * i + 1]) for i in range(len(blocks))]
+        # keys, then values: in a slab and in the host tier's gathered reads each list is one
+        # constant-stride run (see transport.checksum.strided_runs)
+        n = len(blocks)
+        flat = device_checksums([b.keys for b in blocks] + [b.values for b in blocks])
+        return [tuple(flat[i] + flat[n + i]) for i in range(n)]
 
     def get_many(self, keys: Sequence[str]) -> list[KVBlock | None]:
         entries = [self._lru.get(k) for k in keys]
