@@ -7,10 +7,11 @@ Per (B, N), ms per step, median of ``--steps`` steps after two warm-up steps, fo
 - eager, gather: the step launched op by op, each layer gathering the blocks into a padded copy
   for SDPA (the path before the kernel; ``KVCLUSTER_PAGED_KERNEL=0``);
 - eager, kernel: op by op, attention read straight from the blocks (workers/paged_attention.py);
-- graph, gather / graph, kernel: the same replayed as a CUDA graph (``GraphedPagedStep``);
+- graph, gather / graph, kernel: the same replayed as a CUDA graph (``GraphedPagedStep``), the
+  linears on cuBLAS at every row count (``KVCLUSTER_PAGED_GEMV_ROWS=0``);
 - graph, kernel + GEMV: in the graph, up to 16 rows, the linears as GEMV kernels with the norm,
-  SiLU x up and residual folded in, K/V written by the q/k/v kernel (``KVCLUSTER_PAGED_GEMV=1``;
-  without it, "graph, kernel").
+  SiLU x up and residual folded in, K/V written by the q/k/v kernel (``KVCLUSTER_PAGED_GEMV_ROWS=16``;
+  the default, 1, takes this path at one row and "graph, kernel" above).
 Against the limit: the weights (and LM head) read once plus every sequence's K/V read once, over
 the device-to-device copy bandwidth measured in the same run. Output tokens/s = B / step time.
 Needs torch and triton only.
@@ -76,12 +77,12 @@ def main() -> None:
     s = spec
     weight_bytes = weight_read_bytes(s)
     kv_per_token = 2 * s.num_layers * s.kv_size * 2
-    rows = []
+    rows, defaults = [], pd.PAGED_GEMV_ROWS
     for n in lengths:
         for b in batches:
             row = {"batch": b, "tokens": n, "limit_ms": (weight_bytes + b * (n + args.steps) * kv_per_token) / bw * 1e3}
             for name, (graph, kernel, gemv) in PATHS.items():
-                pd.PAGED_KERNEL, pd.PAGED_GEMV = kernel, gemv
+                pd.PAGED_KERNEL, pd.PAGED_GEMV_ROWS = kernel, 16 if gemv else 0
                 graphed.graphs.clear()  # the switch is read at capture; a fresh pool for the new graphs
                 graphed.mempool = None
                 sids = list(range(b))
@@ -93,7 +94,7 @@ def main() -> None:
                     bm.free(i)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    pd.PAGED_KERNEL, pd.PAGED_GEMV = True, False
+    pd.PAGED_KERNEL, pd.PAGED_GEMV_ROWS = True, defaults
     out = {"benchmark": "paged_decode_gpu", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
            "device": torch.cuda.get_device_name(), "host": platform.node(), "torch": torch.__version__,

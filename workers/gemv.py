@@ -68,13 +68,20 @@ ROWS_ENABLED = os.environ.get("KVCLUSTER_GEMV_ROWS", "1") == "1"
 
 
 def rows_tiling_for(n_out: int, k: int, glu: bool) -> GemvTiling:
-    """The few-row kernel's tiling (a first guess, not yet swept on a GPU): enough programs to
-    fill the GPU for the narrow outputs, longer K slices for long rows."""
-    if glu:
-        return GemvTiling(32, 128, 4, 4)
-    if n_out <= 4096:
-        return GemvTiling(16, 256, 4, 4) if k >= 8192 else GemvTiling(16, 128, 4, 4)
-    return GemvTiling(32, 128, 4, 4)
+    """The few-row kernel's tiling: the best at 8 rows of a sweep on an H100 over block_n 16/32/64,
+    block_k 64/128/256, stages 3/5 (``benchmarks/diag_gemv_rows.py --sweep``,
+    benchmarks/results/diag/gemv_rows_h100_2026-12-07.txt, which also times it at 2, 4 and 16 rows).
+    Against cuBLAS with the ops it folds in: o, gate/up and down 1.05-1.29x faster; q/k/v (0.90x)
+    and the LM head (0.89x) slower."""
+    if glu:  # gate/up [2 x 14336, 4096]
+        return GemvTiling(64, 128, 4, 3)
+    if n_out >= 65536:  # an LM head
+        return GemvTiling(64, 64, 4, 3)
+    if k >= 8192:  # down [4096, 14336]
+        return GemvTiling(32, 256, 4, 5)
+    if n_out > k:  # q/k/v [6144, 4096]
+        return GemvTiling(64, 256, 4, 3)
+    return GemvTiling(32, 256, 4, 5)  # o [4096, 4096]
 
 
 def supports(x: torch.Tensor, w: torch.Tensor, max_rows: int = 1) -> bool:

@@ -30,11 +30,17 @@ from workers.paged_attention import available as kernel_available, paged_attend
 log = logging.getLogger(__name__)
 # attention straight from the blocks (workers/paged_attention.py) on CUDA; 0: gather + SDPA (A/B)
 PAGED_KERNEL = os.environ.get("KVCLUSTER_PAGED_KERNEL", "1") != "0"
-# in graphs of up to 16 rows: GEMV-kernel linears and the q/k/v kernel (_few_row_layers), with
-# KVCLUSTER_PAGED_GEMV=1. Off by default until measured on a GPU: it passes in Triton's interpreter
-# (tests/workers/test_paged_gemv.py), but a kernel that failed to compile there would make every
-# capture fail, and the batcher would then run eager
-PAGED_GEMV = os.environ.get("KVCLUSTER_PAGED_GEMV", "0") == "1"
+# in graphs of up to PAGED_GEMV_ROWS rows (KVCLUSTER_PAGED_GEMV_ROWS, 0..16): GEMV-kernel linears
+# and the q/k/v kernel (_few_row_layers). Default 1: on an H100 (2026-12-07,
+# benchmarks/results/paged_decode_gpu.json) that step took 6.0 ms at one row against 7.2 on cuBLAS,
+# but 10.0-13.2 ms against 7.8-11.2 at 4-16 rows, although its linears alone were 1.05x cuBLAS's
+# with their small ops (diag/gemv_rows_h100_2026-12-07.txt): the rest of that step is slower
+PAGED_GEMV_ROWS = int(os.environ.get("KVCLUSTER_PAGED_GEMV_ROWS", "1"))
+
+
+def few_rows(runner: LlamaRunner, rows: int) -> bool:
+    """Whether a step of ``rows`` tokens takes _few_row_layers (inside a capture, kernels there)."""
+    return rows <= PAGED_GEMV_ROWS and runner.few_row_kernels(rows)
 
 
 def _layers(runner: LlamaRunner, blocks: BlockManager, tok: torch.Tensor, pos: torch.Tensor,
@@ -43,7 +49,7 @@ def _layers(runner: LlamaRunner, blocks: BlockManager, tok: torch.Tensor, pos: t
     s, dev = runner.spec, runner.device
     B = tok.shape[0]
     kernel = PAGED_KERNEL and kernel_available(tok)  # the kernel reads the positions itself
-    if kernel and PAGED_GEMV and runner.few_row_kernels(B):
+    if kernel and few_rows(runner, B):
         return _few_row_layers(runner, blocks, tok, pos, blk, off, table)
     mask = None
     if not kernel:  # [B, 1, 1, W] over the gathered, padded blocks
@@ -105,11 +111,11 @@ def _drop_few_rows(runner: LlamaRunner, rows: int, error: Exception) -> bool:
     """After a failed capture: whether it may have been the few-row kernels; if so they are off
     for this process (a kernel that does not build here fails every capture), so the caller can
     capture the op-by-op step instead of running eager."""
-    global PAGED_GEMV
+    global PAGED_GEMV_ROWS
     with runner.fusing():
-        suspect = PAGED_GEMV and runner.few_row_kernels(rows)
+        suspect = few_rows(runner, rows)
     if suspect:
-        PAGED_GEMV = False
+        PAGED_GEMV_ROWS = 0
         log.warning("capturing the few-row decode step failed (%s: %s); it is off from now on",
                     type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "")
     return suspect

@@ -549,3 +549,23 @@ def test_fusing_is_per_thread_and_the_runner_still_pickles():
     assert seen == {"capturing": True, "other": False} and not r._fusing
     for twin in (copy.copy(r), pickle.loads(pickle.dumps(r))):
         assert not twin._fusing and twin.spec == r.spec
+
+
+def test_the_few_row_step_takes_one_row_unless_told_more(monkeypatch):
+    """KVCLUSTER_PAGED_GEMV_ROWS (default 1): the GEMV step beat cuBLAS at one row on an H100 and
+    lost at 4-16 (benchmarks/results/paged_decode_gpu.json); 0 turns it off; failures turn it off."""
+    import os
+
+    from workers import paged_decode
+    if "KVCLUSTER_PAGED_GEMV_ROWS" not in os.environ:
+        assert paged_decode.PAGED_GEMV_ROWS == 1
+    r = random_runner(SPEC, "cpu", torch.float32, seed=0)
+    r.gemv_kernel = r.qkv_kernel = r.fuse = True  # as on CUDA
+    with r.fusing():
+        for limit, takes in ((1, [1]), (16, list(range(1, 17))), (0, [])):
+            monkeypatch.setattr(paged_decode, "PAGED_GEMV_ROWS", limit)
+            assert [b for b in range(1, 18) if paged_decode.few_rows(r, b)] == takes
+    monkeypatch.setattr(paged_decode, "PAGED_GEMV_ROWS", 1)
+    assert not paged_decode.few_rows(r, 1)  # outside a capture: op by op
+    assert not paged_decode._drop_few_rows(r, 4, RuntimeError("x"))  # 4 rows never took it
+    assert paged_decode._drop_few_rows(r, 1, RuntimeError("x")) and paged_decode.PAGED_GEMV_ROWS == 0

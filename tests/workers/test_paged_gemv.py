@@ -26,7 +26,7 @@ SPEC = ModelSpec(vocab_size=300, hidden_size=128, num_layers=4, num_heads=8, num
 @pytest.mark.parametrize("batch", [1, 4, 16])
 def test_few_row_step_matches_the_op_by_op_step(kv_source, batch, monkeypatch):
     monkeypatch.setattr(paged_decode, "kernel_available", lambda t: True)  # the paged kernel on CPU too
-    monkeypatch.setattr(paged_decode, "PAGED_GEMV", True)
+    monkeypatch.setattr(paged_decode, "PAGED_GEMV_ROWS", 16)
     r = random_runner(SPEC, DEV, torch.float32, seed=3, std=0.1)
     if kv_source:
         r.share_kv(kv_source)
@@ -64,7 +64,7 @@ def test_more_rows_than_the_kernel_takes_stay_op_by_op():
 def test_a_failed_few_row_capture_turns_the_path_off_once(monkeypatch):
     r = random_runner(SPEC, DEV, torch.float32, seed=3, std=0.1)
     r.gemv_kernel = r.qkv_kernel = r.fuse = True
-    monkeypatch.setattr(paged_decode, "PAGED_GEMV", True)
+    monkeypatch.setattr(paged_decode, "PAGED_GEMV_ROWS", 16)
     assert paged_decode._drop_few_rows(r, 4, RuntimeError("no kernel"))
-    assert not paged_decode.PAGED_GEMV
+    assert paged_decode.PAGED_GEMV_ROWS == 0
     assert not paged_decode._drop_few_rows(r, 4, RuntimeError("out of memory"))  # not the kernels: give up

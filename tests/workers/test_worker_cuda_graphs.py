@@ -210,7 +210,7 @@ def test_a_few_row_kernel_that_fails_to_capture_leaves_the_op_by_op_graph(monkey
     r = random_runner(SPEC, "cuda", torch.float32, seed=3, std=0.1)
     if not r.gemv_kernel:
         pytest.skip("no GEMV kernel here")
-    monkeypatch.setattr(paged_decode, "PAGED_GEMV", True)
+    monkeypatch.setattr(paged_decode, "PAGED_GEMV_ROWS", 16)
 
     def broken(*a, **k):
         raise RuntimeError("this kernel does not build here")
@@ -224,7 +224,7 @@ def test_a_few_row_kernel_that_fails_to_capture_leaves_the_op_by_op_graph(monkey
             bm.allocate(i, n)
             bm.write(i, seq.cache.k[:, :, :n], seq.cache.v[:, :, :n])
     got = step([0, 1], [5, 6])
-    assert not paged_decode.PAGED_GEMV and step.graphs
+    assert paged_decode.PAGED_GEMV_ROWS == 0 and step.graphs
     torch.testing.assert_close(got, paged_decode.paged_decode_step(r, eager, [0, 1], [5, 6]), atol=2e-4, rtol=1e-4)
 
 
