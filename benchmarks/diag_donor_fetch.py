@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from index_service.plan import ReusePlan, ReuseSpan  # noqa: E402
 from transport.block import join_blocks  # noqa: E402
-from transport.checksum import _sums, device_checksums  # noqa: E402
+from transport.checksum import device_checksums, run_sums  # noqa: E402
 from workers.model_loader import LLAMA3_8B, random_runner  # noqa: E402
 from workers.model_spec import ModelSpec  # noqa: E402
 from workers.scheduler import plan_to_wire as wire  # noqa: E402
@@ -50,7 +50,7 @@ def stages(w: Worker, sid: str, device: str) -> dict[str, float]:
     _, t_join = timed(device, join_blocks, blocks)
     _, t_all = timed(device, s.get, sid)
     ts = [b.keys for b in blocks] + [b.values for b in blocks]
-    _, t_one = timed(device, lambda: torch.stack([_sums(t) for t in ts]).cpu())  # before strided runs
+    _, t_one = timed(device, lambda: torch.cat([run_sums(t) for t in ts]).cpu())  # before strided runs
     _, t_runs = timed(device, device_checksums, ts)
     return {"manifest": t_man, "get_many": t_get, "checks": t_chk, "join": t_join, "segments.get": t_all,
             "sums, per tensor": t_one, "sums, runs": t_runs}

@@ -25,15 +25,6 @@ def _words(t: torch.Tensor) -> torch.Tensor:
     return flat
 
 
-def _sums(t: torch.Tensor):
-    w = _words(t)
-    if w.device.type == "cpu":
-        a = w.numpy()
-        with np.errstate(over="ignore"):
-            return torch.tensor([a.sum(dtype=np.int64), a[1::2].sum(dtype=np.int64)])
-    return torch.stack([w.sum(dtype=torch.int64), w[1::2].sum(dtype=torch.int64)])
-
-
 def _place(t: torch.Tensor) -> tuple[int, int, int, int] | None:
     """(storage address, byte offset in it, word size, words) of a contiguous tensor, else None."""
     if not t.is_contiguous() or t.numel() == 0:
@@ -67,14 +58,14 @@ def strided_runs(tensors: list[torch.Tensor]) -> list[tuple[int, int, int]]:
     return out
 
 
-def _run_sums(tensors: list[torch.Tensor], a: int, b: int, step: int):
-    """[b - a, 2] sums of a run, from one strided view of its words: two reductions in all."""
-    w = _words(tensors[a])
-    if b - a > 1:
-        w = w.as_strided((b - a, w.numel()), (step, 1))
-    else:
-        w = w.view(1, -1)
-    if w.device.type == "cpu":
+def run_sums(t: torch.Tensor, count: int = 1, step: int = 0) -> torch.Tensor:
+    """[count, 2] (sum, odd-word sum) of ``t`` and the count - 1 equal tensors that follow it in its
+    storage every ``step`` words: one strided view, two reductions in all."""
+    w = _words(t)
+    if count > 1 and w.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
+        raise ValueError("a run of tensors must start at a word-aligned address")  # _words copied it
+    w = w.as_strided((count, w.numel()), (step, 1)) if count > 1 else w.view(1, -1)
+    if w.device.type == "cpu":  # numpy: torch's integer reductions on CPU are ~15x slower
         arr = w.numpy()
         with np.errstate(over="ignore"):
             return torch.from_numpy(np.stack([arr.sum(-1, dtype=np.int64),
@@ -88,12 +79,7 @@ def device_checksums(tensors: list[torch.Tensor]) -> list[list[int]]:
     segment's blocks cost two reductions, not two each."""
     if not tensors:
         return []
-    parts = []
-    for a, b, step in strided_runs(tensors):
-        if b - a == 1 and _place(tensors[a]) is None:
-            parts.append(_sums(tensors[a]).view(1, 2))
-        else:
-            parts.append(_run_sums(tensors, a, b, step))
+    parts = [run_sums(tensors[a], b - a, step) for a, b, step in strided_runs(tensors)]
     # one device->host copy per device, blocking: a non_blocking copy read before the sync
     # returned garbage sums on a GPU (every block then looked corrupt)
     if len({p.device for p in parts}) == 1:

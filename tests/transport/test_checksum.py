@@ -63,3 +63,13 @@ def test_a_flipped_bit_in_one_block_of_a_run_changes_only_its_sums():
     slab[5, 1].view(-1).view(torch.uint8)[7] ^= 4
     now = device_checksums(ts)
     assert [i for i in range(16) if now[i] != ref[i]] == [11]
+
+
+def test_a_run_from_an_unaligned_start_is_refused_not_summed_from_a_copy():
+    import pytest
+
+    from transport.checksum import run_sums
+    buf = torch.randn(1024)
+    assert [x & (2**64 - 1) for x in run_sums(buf[1:65])[0].tolist()] == _torch_sums(buf[1:65])  # one: copied
+    with pytest.raises(ValueError, match="word-aligned"):
+        run_sums(buf[1:65], 2, 32)

@@ -11,7 +11,7 @@ Here a read of n blocks becomes:
    blocks are sent straight from their own pinned buffers, one copy each (no CPU pass);
 3. ``uniform_groups``: runs of blocks with the same header layout at a constant stride; each run
    becomes one strided view of the device buffer, unbound into per-block keys/values views, and
-   its device checksums are two reductions for the whole run (``group_checksums``), read back
+   its device checksums are four reductions for the whole run (``group_checksums``), read back
    with one blocking copy, which also waits for the H2D copies (stream order).
 
 The functions without torch in their signature are pure and unit-tested on CPU.
@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from transport.block import DTYPES
+from transport.checksum import run_sums
 
 ALIGN = 64
-MASK = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -81,9 +81,6 @@ def word_size(half: int) -> int:
     return 8 if half % 8 == 0 else 4 if half % 4 == 0 else 1
 
 
-_WORD = {8: torch.int64, 4: torch.int32, 1: torch.uint8}
-
-
 def group_views(dev: torch.Tensor, base: int, g: int, stride: int, lay: Layout
                 ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """Keys and values of g blocks of layout ``lay`` whose encoded bytes start at ``base``,
@@ -99,14 +96,11 @@ def group_views(dev: torch.Tensor, base: int, g: int, stride: int, lay: Layout
 
 
 def group_checksums(dev: torch.Tensor, base: int, g: int, stride: int, lay: Layout) -> torch.Tensor:
-    """[g, 2, 2] int64: per block, (sum, odd-word sum) of keys then values, exactly as
-    transport.checksum.device_checksums computes them one tensor at a time."""
-    ws = word_size(lay.half)
-    words = dev.view(_WORD[ws]) if ws > 1 else dev
-    n = lay.half // ws
-    w = words.as_strided((g, 2, n), (stride // ws if g > 1 else 1, n, 1),
-                         (base + lay.payload_off) // ws)
-    return torch.stack([w.sum(-1, dtype=torch.int64), w[..., 1::2].sum(-1, dtype=torch.int64)], -1)
+    """[g, 2, 2] int64: per block, (sum, odd-word sum) of keys then values, by the formula of
+    transport.checksum (one strided view of the g keys, one of the g values)."""
+    keys, values = group_views(dev, base, g, stride, lay)
+    step = stride // word_size(lay.half)
+    return torch.stack([run_sums(keys[0], g, step), run_sums(values[0], g, step)], 1)
 
 
 def sums_equal(got: torch.Tensor, want: Sequence[Sequence[Sequence[int]] | None]) -> list[bool]:
