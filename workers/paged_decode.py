@@ -35,7 +35,16 @@ PAGED_KERNEL = os.environ.get("KVCLUSTER_PAGED_KERNEL", "1") != "0"
 # benchmarks/results/paged_decode_gpu.json) that step took 6.0 ms at one row against 7.2 on cuBLAS,
 # but 10.0-13.2 ms against 7.8-11.2 at 4-16 rows, although its linears alone were 1.05x cuBLAS's
 # with their small ops (diag/gemv_rows_h100_2026-12-07.txt): the rest of that step is slower
-PAGED_GEMV_ROWS = int(os.environ.get("KVCLUSTER_PAGED_GEMV_ROWS", "1"))
+
+
+def _rows_setting(raw: str) -> int:
+    try:
+        return max(0, int(raw))
+    except ValueError:
+        raise ValueError(f"KVCLUSTER_PAGED_GEMV_ROWS must be a row count (0 = off, 1..16), got {raw!r}") from None
+
+
+PAGED_GEMV_ROWS = _rows_setting(os.environ.get("KVCLUSTER_PAGED_GEMV_ROWS", "1"))
 
 
 def few_rows(runner: LlamaRunner, rows: int) -> bool:

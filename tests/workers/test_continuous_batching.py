@@ -569,3 +569,6 @@ def test_the_few_row_step_takes_one_row_unless_told_more(monkeypatch):
     assert not paged_decode.few_rows(r, 1)  # outside a capture: op by op
     assert not paged_decode._drop_few_rows(r, 4, RuntimeError("x"))  # 4 rows never took it
     assert paged_decode._drop_few_rows(r, 1, RuntimeError("x")) and paged_decode.PAGED_GEMV_ROWS == 0
+    assert paged_decode._rows_setting("4") == 4 and paged_decode._rows_setting("-1") == 0
+    with pytest.raises(ValueError, match="KVCLUSTER_PAGED_GEMV_ROWS must be a row count"):
+        paged_decode._rows_setting("yes")
