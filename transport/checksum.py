@@ -15,14 +15,20 @@ import torch
 _MASK = (1 << 64) - 1
 
 
+def word_size(nbytes: int) -> int:
+    """The sums run over 64-bit words if the tensor's bytes allow, else 32-bit, else bytes."""
+    return 8 if nbytes % 8 == 0 else 4 if nbytes % 4 == 0 else 1
+
+
+_WORD = {8: torch.int64, 4: torch.int32, 1: torch.uint8}
+
+
 def _words(t: torch.Tensor) -> torch.Tensor:
     flat = t.detach().contiguous().view(-1).view(torch.uint8)
-    for dtype, size in ((torch.int64, 8), (torch.int32, 4)):
-        if flat.numel() % size == 0:
-            if flat.storage_offset() % size:  # a view at an odd address: the same words, copied
-                flat = flat.clone()
-            return flat.view(dtype)
-    return flat
+    size = word_size(flat.numel())
+    if flat.storage_offset() % size:  # a view at an odd address: the same words, copied
+        flat = flat.clone()
+    return flat.view(_WORD[size])
 
 
 def _place(t: torch.Tensor) -> tuple[int, int, int, int] | None:
@@ -30,7 +36,7 @@ def _place(t: torch.Tensor) -> tuple[int, int, int, int] | None:
     if not t.is_contiguous() or t.numel() == 0:
         return None
     nbytes = t.numel() * t.element_size()
-    ws = 8 if nbytes % 8 == 0 else 4 if nbytes % 4 == 0 else 1
+    ws = word_size(nbytes)
     base = t.untyped_storage().data_ptr()
     off = t.data_ptr() - base
     return (base, off, ws, nbytes // ws) if off % ws == 0 else None

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from transport.block import DTYPES
-from transport.checksum import run_sums
+from transport.checksum import run_sums, word_size
 
 ALIGN = 64
 
@@ -74,11 +74,6 @@ def uniform_groups(offsets: Sequence[int], kinds: Sequence[object]) -> list[tupl
         out.append((a, b, stride))
         a = b
     return out
-
-
-def word_size(half: int) -> int:
-    """transport.checksum sums 64-bit words if the tensor's bytes allow, else 32-bit, else bytes."""
-    return 8 if half % 8 == 0 else 4 if half % 4 == 0 else 1
 
 
 def group_views(dev: torch.Tensor, base: int, g: int, stride: int, lay: Layout
