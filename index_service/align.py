@@ -15,7 +15,7 @@ document), so only the new side is kept non-overlapping.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -30,6 +30,9 @@ def as_tokens(tokens: object, what: str = "tokens") -> np.ndarray:
     """Validate a 1-D sequence of non-negative integer token ids; return it as int64."""
     if isinstance(tokens, (str, bytes)):
         raise TypeError(f"{what} must be a sequence of int token ids, got {type(tokens).__name__}")
+    if isinstance(tokens, Mapping):  # a tokenizer's BatchEncoding
+        raise TypeError(f"{what} must be a sequence of int token ids, got a {type(tokens).__name__}: "
+                        "pass its ['input_ids']")
     try:
         arr = np.asarray(tokens)
     except (TypeError, ValueError) as e:

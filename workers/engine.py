@@ -14,6 +14,7 @@ chosen by the new token's attention at the check layer times their prefill devia
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -147,6 +148,9 @@ class ReuseEngine:
         """The prompt as int64 ids, validated (vectorized: an 8k-token list costs ~0.3 ms)."""
         if isinstance(token_ids, (str, bytes)) or not hasattr(token_ids, "__len__"):
             raise InvalidParameterError(f"token_ids must be a sequence of ints, got {type(token_ids).__name__}")
+        if isinstance(token_ids, Mapping):  # a tokenizer's BatchEncoding
+            raise InvalidParameterError(f"token_ids must be a sequence of ints, got a {type(token_ids).__name__} "
+                                        f"with keys {sorted(map(str, token_ids))[:4]}: pass its ['input_ids']")
         if isinstance(token_ids, torch.Tensor):
             token_ids = token_ids.detach().cpu().numpy()
         arr = None

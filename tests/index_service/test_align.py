@@ -152,6 +152,8 @@ def test_numpy_inputs():
         ([1, 2], [("d",)], TypeError),
         ([1, 2], [("d", [1]), ("d", [2])], ValueError),
         ([1, 2], "d", TypeError),
+        ({"input_ids": [1, 2]}, [], TypeError),
+        ([1, 2], [("d", {"input_ids": [1, 2]})], TypeError),
     ],
 )
 def test_bad_input(new, donors, exc):

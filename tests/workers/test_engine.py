@@ -112,6 +112,8 @@ def test_bad_prompts_are_refused(tiny_runner):
         eng.generate(_ids(500), None, 100)
     with pytest.raises(InvalidParameterError):
         eng.generate("not tokens", None, 4)
+    with pytest.raises(InvalidParameterError, match=r"\['input_ids'\]"):  # a tokenizer's output as is
+        eng.generate({"input_ids": [1, 2], "attention_mask": [1, 1]}, None, 4)
     for bad in (-0.1, 1.5):
         with pytest.raises(InvalidParameterError):
             eng.generate(_ids(10), None, 4, settings=ReuseSettings(recompute_ratio=bad))
