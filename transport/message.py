@@ -39,6 +39,27 @@ def pack_message(op: str, keys: Sequence[str] = (), bufs: Sequence[object | None
     return [memoryview(prefix + header)] + [v for v in views if v is not None and v.nbytes]
 
 
+def get_request(keys: Sequence[str]) -> list[memoryview]:
+    return pack_message("get", list(keys))
+
+
+def put_request(items: Sequence[tuple[str, object]]) -> list[memoryview]:
+    return pack_message("put", [k for k, _ in items], [b for _, b in items])
+
+
+def check_reply(header: dict, want: str) -> None:
+    """A reply of another op (an "error" names its cause) is a protocol error."""
+    if header["op"] != want:
+        raise ProtocolError(f"peer answered {header['op']!r}: {header.get('error', '')}")
+
+
+def blocks_for(keys: Sequence[str], header: dict, blocks: list) -> list:
+    """A "get" reply's blocks, once the peer is seen to answer for exactly the keys asked."""
+    if header["keys"] != list(keys):
+        raise ProtocolError("peer answered for other keys")
+    return blocks
+
+
 def parse_prefix(raw, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> tuple[int, int, int]:
     magic, hlen, hhash, body_len = PREFIX.unpack(bytes(raw))
     if magic != MAGIC:

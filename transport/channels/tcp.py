@@ -28,9 +28,9 @@ import socket
 import threading
 from typing import Callable, Sequence
 
-from transport.errors import ChannelClosed, ChannelError, ChannelTimeout, ProtocolError
-from transport.message import (DEFAULT_MAX_BODY_BYTES, PREFIX, pack_message, parse_header,
-                               parse_prefix)
+from transport.errors import ChannelClosed, ChannelError, ChannelTimeout
+from transport.message import (DEFAULT_MAX_BODY_BYTES, PREFIX, blocks_for, check_reply, get_request, pack_message,
+                               parse_header, parse_prefix, put_request)
 from transport.receive import answer, blocks_of, new_body
 from transport.verify import BodyVerifier
 
@@ -243,11 +243,6 @@ class TCPServer:
             self._thread = None
 
 
-def _check_reply(header: dict, want: str) -> None:
-    if header["op"] != want:
-        raise ProtocolError(f"peer answered {header['op']!r}: {header.get('error', '')}")
-
-
 class AsyncTCPClient:
     """asyncio client: ``await fetch(keys)`` -> encoded blocks (None where the peer has none)."""
 
@@ -298,18 +293,15 @@ class AsyncTCPClient:
             if msg is None:
                 await self.close()
                 raise ChannelClosed("peer closed the connection")
-            _check_reply(msg[0], want)
+            check_reply(msg[0], want)
             self.corrupt += msg[2]
             return msg[0], msg[1]
 
     async def fetch(self, keys: Sequence[str]) -> list[memoryview | None]:
-        header, blocks = await self._request(pack_message("get", list(keys)), "blocks")
-        if header["keys"] != list(keys):
-            raise ProtocolError("peer answered for other keys")
-        return blocks
+        return blocks_for(keys, *await self._request(get_request(keys), "blocks"))
 
     async def push(self, items: Sequence[tuple[str, object]]) -> None:
-        await self._request(pack_message("put", [k for k, _ in items], [b for _, b in items]), "ok")
+        await self._request(put_request(items), "ok")
 
     async def close(self) -> None:
         if self._sock is not None:
@@ -406,19 +398,16 @@ class TCPClient:
             except ChannelError:
                 self.close()
                 raise
-            _check_reply(header, want)
+            check_reply(header, want)
             return header, blocks
 
     def fetch(self, keys: Sequence[str]) -> list[memoryview | None]:
-        header, blocks = self._request(pack_message("get", list(keys)), "blocks")
-        if header["keys"] != list(keys):
-            raise ProtocolError("peer answered for other keys")
-        return blocks
+        return blocks_for(keys, *self._request(get_request(keys), "blocks"))
 
     __call__ = fetch
 
     def push(self, items: Sequence[tuple[str, object]]) -> None:
-        self._request(pack_message("put", [k for k, _ in items], [b for _, b in items]), "ok")
+        self._request(put_request(items), "ok")
 
     def close(self) -> None:
         if self._sock is not None:

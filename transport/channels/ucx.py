@@ -30,9 +30,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from transport.errors import ChannelClosed, ChannelError, ChannelTimeout, ProtocolError
-from transport.message import (DEFAULT_MAX_BODY_BYTES, PREFIX, pack_message, parse_header,
-                               parse_prefix)
+from transport.errors import ChannelClosed, ChannelError, ChannelTimeout
+from transport.message import (DEFAULT_MAX_BODY_BYTES, PREFIX, blocks_for, check_reply, get_request, pack_message,
+                               parse_header, parse_prefix, put_request)
 from transport.receive import POOL, answer, blocks_of, new_body
 from transport.verify import BodyVerifier
 
@@ -254,18 +254,14 @@ class UCXClient:
                     raise  # cancelled by our caller
                 raise _translate(e) from None
             self.corrupt += bad
-        if header["op"] != want:
-            raise ProtocolError(f"peer answered {header['op']!r}: {header.get('error', '')}")
+        check_reply(header, want)
         return header, blocks
 
     async def fetch(self, keys: Sequence[str]) -> list[memoryview | None]:
-        header, blocks = await self._request(pack_message("get", list(keys)), "blocks")
-        if header["keys"] != list(keys):
-            raise ProtocolError("peer answered for other keys")
-        return blocks
+        return blocks_for(keys, *await self._request(get_request(keys), "blocks"))
 
     async def push(self, items: Sequence[tuple[str, object]]) -> None:
-        await self._request(pack_message("put", [k for k, _ in items], [b for _, b in items]), "ok")
+        await self._request(put_request(items), "ok")
 
     async def close(self) -> None:
         ep, self._ep, self.addr = self._ep, None, None
