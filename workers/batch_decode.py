@@ -316,7 +316,7 @@ class GraphedBatchStep:
                 self._body()
         torch.cuda.current_stream(dev).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.logits = self._body()
 
     @torch.inference_mode()
@@ -333,7 +333,7 @@ class GraphedBatchStep:
             except Exception as e:  # a kernel that will not capture: run eagerly from now on
                 self.graph_error = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
                 self.use_graph, self.graph = False, None
-                torch.cuda.synchronize(self.runner.device)
+                torch.cuda.current_stream(self.runner.device).synchronize()
         self.pos.fill_(t)
         if self.graph is not None:
             self.graph.replay()

@@ -99,7 +99,8 @@ class GraphedStep:
                 log.warning("one-token graph with FlexAttention failed (%s); using matmul attention",
                             str(e).splitlines()[0][:160])
                 self.runner.flex_decode = False
-                torch.cuda.synchronize(self.runner.device)
+                # this stream, not the device: a device sync would break another thread's capture
+                torch.cuda.current_stream(self.runner.device).synchronize()
                 self.graphs[keys] = self._capture(keys)
         graph, logits = self.graphs[keys]
         if isinstance(token, torch.Tensor):

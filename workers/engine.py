@@ -110,6 +110,13 @@ class GenerationResult:
     finish_reason: str = "length"
 
 
+def _sync(device: torch.device) -> None:
+    """Wait for this thread's stream only. A device-wide sync (cudaDeviceSynchronize) from a
+    request thread invalidates a CUDA graph being captured in another thread (the batcher's),
+    whatever the capture mode: that capture fails and the batcher runs eager from then on."""
+    torch.cuda.current_stream(device).synchronize()
+
+
 class ReuseEngine:
     def __init__(self, runner: LlamaRunner, store: SegmentStore | None = None,
                  settings: ReuseSettings = ReuseSettings(), max_context: int | None = None,
@@ -274,8 +281,8 @@ class ReuseEngine:
                 extra = epic_positions(plan, st.epic_tokens) if st.mode == "epic" else []
                 logits = self._subset(seq, arr, reused, extra)
         seq.exact_len = n if plan is None or st.mode == "prefix" else plan.prefix_len
-        if r.device.type == "cuda":
-            torch.cuda.synchronize(r.device)
+        if r.device.type == "cuda":  # this thread's stream, not the device: see _sync
+            _sync(r.device)
         seq.stats.ttft_s = time.perf_counter() - t0
         return seq, logits
 
@@ -495,7 +502,7 @@ class ReuseEngine:
             if i + 1 < max_tokens:
                 logits = self.decode_step(seq, nxt)
         if self.runner.device.type == "cuda":
-            torch.cuda.synchronize(self.runner.device)
+            _sync(self.runner.device)
         s = seq.stats
         res = GenerationResult(out, s.prompt_tokens, s.reused_tokens, s.recomputed_tokens, s.cached_tokens,
                                s.ttft_s, time.perf_counter() - t0, seq.decode_recomputed,

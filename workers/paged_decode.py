@@ -31,10 +31,9 @@ log = logging.getLogger(__name__)
 # attention straight from the blocks (workers/paged_attention.py) on CUDA; 0: gather + SDPA (A/B)
 PAGED_KERNEL = os.environ.get("KVCLUSTER_PAGED_KERNEL", "1") != "0"
 # in graphs of up to PAGED_GEMV_ROWS rows (KVCLUSTER_PAGED_GEMV_ROWS, 0..16): GEMV-kernel linears
-# and the q/k/v kernel (_few_row_layers). Default 1: on an H100 (2026-12-07,
-# benchmarks/results/paged_decode_gpu.json) that step took 6.0 ms at one row against 7.2 on cuBLAS,
-# but 10.0-13.2 ms against 7.8-11.2 at 4-16 rows, although its linears alone were 1.05x cuBLAS's
-# with their small ops (diag/gemv_rows_h100_2026-12-07.txt): the rest of that step is slower
+# and the q/k/v kernel (_few_row_layers). Default 16, every row count it takes: on an H100
+# (2026-12-07 23:37, benchmarks/results/paged_decode_gpu.json) that step took 6.0-10.5 ms against
+# 7.4-11.6 on cuBLAS at 1-16 rows of 1k-4k tokens (1.10-1.22x faster). 0 turns it off.
 
 
 def _rows_setting(raw: str) -> int:
@@ -44,7 +43,7 @@ def _rows_setting(raw: str) -> int:
         raise ValueError(f"KVCLUSTER_PAGED_GEMV_ROWS must be a row count (0 = off, 1..16), got {raw!r}") from None
 
 
-PAGED_GEMV_ROWS = _rows_setting(os.environ.get("KVCLUSTER_PAGED_GEMV_ROWS", "1"))
+PAGED_GEMV_ROWS = _rows_setting(os.environ.get("KVCLUSTER_PAGED_GEMV_ROWS", "16"))
 
 
 def few_rows(runner: LlamaRunner, rows: int) -> bool:
@@ -235,7 +234,8 @@ class GraphedPagedStep:
             try:
                 self.graphs[key] = self._capture(rows, width)
             except Exception as e:  # noqa: BLE001 - out of memory, an op that cannot be captured
-                torch.cuda.synchronize(self.runner.device)
+                # this stream, not the device: a device sync would break another thread's capture
+                torch.cuda.current_stream(self.runner.device).synchronize()
                 if _drop_few_rows(self.runner, rows, e):
                     return self._graph(rows, width)
                 raise GraphCaptureError(f"capturing the paged decode step ({rows} rows, {width} "

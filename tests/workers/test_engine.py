@@ -237,3 +237,17 @@ def test_sequence_keeps_its_own_copy_of_an_array_prompt(tiny_runner):
     want = arr.copy()
     arr[:] = 0  # a caller reusing its buffer
     assert (seq.prompt == want).all() and seq.token_ids == want.tolist()
+
+
+def test_serving_code_never_syncs_the_whole_device():
+    """A device-wide sync (torch.cuda.synchronize) from one thread invalidates a CUDA graph that
+    another thread is capturing, in any capture mode: a request running beside the batcher would
+    make its capture fail (seen on an H100). Serving code waits on its own stream instead."""
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    hits = [f"{p.relative_to(root)}:{i}" for pkg in ("kvcluster", "workers", "index_service", "transport")
+            for p in sorted((root / pkg).rglob("*.py"))
+            for i, line in enumerate(p.read_text().splitlines(), 1)
+            if re.search(r"torch\.cuda\.synchronize\(", line.split("#")[0])]
+    assert not hits, f"device-wide syncs in serving code: {hits}"
