@@ -252,14 +252,10 @@ class ContinuousBatcher:
         self.run()
         for t in tickets:
             t.result(0)
-        if self.graphed is not None and graph_tokens > 0:
-            try:
-                n = self.graphed.capture_buckets(graph_tokens)
-                log.info("batched decode: %d CUDA graphs captured (up to %d rows, %d tokens)",
-                         n, self.graphed.max_rows, graph_tokens)
-            except GraphCaptureError as e:
-                log.warning("%s; the batched decode step runs eager from now on", e)
-                self.graphed = None
+        if self.graphed is not None and graph_tokens > 0:  # a bucket that fails is tried again later
+            n = self.graphed.capture_buckets(graph_tokens)
+            log.info("batched decode: %d CUDA graphs captured (up to %d rows, %d tokens)",
+                     n, self.graphed.max_rows, graph_tokens)
         self.stats = _new_stats()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
@@ -453,8 +449,8 @@ class ContinuousBatcher:
                 self.stats["graph_steps"] += 1
                 return logits
             except GraphCaptureError as e:
-                log.warning("%s; the batched decode step runs eager from now on", e)
-                self.graphed = None
+                log.warning("%s", e)
+                self.stats["capture_failures"] += 1
         return paged_decode_step(self.runner, self.blocks, sids, tokens)
 
     def _solo_step(self, r: _Running) -> None:
@@ -540,7 +536,7 @@ class ContinuousBatcher:
 def _new_stats() -> dict[str, Any]:
     return {"steps": 0, "decode_steps": 0, "prefills": 0, "tokens": 0, "max_batch_seen": 0,
             "batch_sizes": collections.Counter(), "solo_steps": 0, "migrated": 0, "preempted": 0,
-            "cancelled": 0, "errors": 0, "graph_steps": 0}
+            "cancelled": 0, "errors": 0, "graph_steps": 0, "capture_failures": 0}
 
 
 def _needs_solo(seq: Sequence) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -178,6 +179,13 @@ class GraphCaptureError(RuntimeError):
     """A paged decode graph could not be captured (the step itself has not run)."""
 
 
+# A bucket whose capture failed runs eager, and is tried again after CAPTURE_BACKOFF_S, doubled
+# each time, CAPTURE_TRIES times in all: a capture can fail for a passing reason (memory taken by
+# a long prompt running beside the batch), and one failure must not cost every later step a graph.
+CAPTURE_TRIES = 3
+CAPTURE_BACKOFF_S = 10.0
+
+
 class GraphedPagedStep:
     """``paged_decode_step`` replayed from CUDA graphs for up to ``max_batch`` sequences whose
     block tables cover at most ``max_tokens`` tokens; ``fits`` says when the caller must run the
@@ -189,14 +197,23 @@ class GraphedPagedStep:
         self.max_width = width_bucket(blocks.blocks_for(max_tokens), blocks.block_size)
         self.scratch = blocks.reserve_scratch()
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.failed: dict[tuple[int, int], tuple[int, float]] = {}  # bucket -> (failed tries, next try)
         self.mempool = None
 
     def _widest(self, seq_ids: list[int]) -> int:
         """Blocks of the longest table once every sequence has room for its next token."""
         return max(self.blocks.blocks_for(self.blocks.lengths[i] + 1) for i in seq_ids)
 
+    def _bucket(self, seq_ids: list[int]) -> tuple[int, int]:
+        return batch_bucket(len(seq_ids)), width_bucket(self._widest(seq_ids), self.blocks.block_size)
+
     def fits(self, seq_ids: list[int]) -> bool:
-        return len(seq_ids) <= self.max_rows and self._widest(seq_ids) <= self.max_width
+        """Whether these sequences replay (or may now capture) a graph; else the eager step."""
+        if len(seq_ids) > self.max_rows or self._widest(seq_ids) > self.max_width:
+            return False
+        key = self._bucket(seq_ids)
+        tries, next_try = self.failed.get(key, (0, 0.0))
+        return key in self.graphs or (tries < CAPTURE_TRIES and time.monotonic() >= next_try)
 
     @torch.inference_mode()
     def __call__(self, seq_ids: list[int], tokens: list[int]) -> torch.Tensor:
@@ -204,7 +221,7 @@ class GraphedPagedStep:
         sequence has grown, so the caller can run the eager step instead."""
         bl = self.blocks
         B = len(seq_ids)
-        rows, width = batch_bucket(B), width_bucket(self._widest(seq_ids), bl.block_size)
+        rows, width = self._bucket(seq_ids)
         graph, inputs, logits = self._graph(rows, width)
         pos, blk, off = _append(bl, seq_ids)
         pad = rows - B
@@ -218,14 +235,18 @@ class GraphedPagedStep:
     def capture_buckets(self, max_tokens: int) -> int:
         """Capture now every batch bucket at every table width up to ``max_tokens`` tokens (and
         the graphs' limits), so a burst of requests replays graphs instead of capturing them
-        inside its TTFT. Returns the number of graphs held; ``GraphCaptureError`` as ``__call__``."""
+        inside its TTFT. Returns the number of graphs held; a bucket that fails is logged and
+        left to be tried again when a step needs it."""
         bs = self.blocks.block_size
         rows = sorted({batch_bucket(b) for b in range(1, self.max_rows + 1)})
         n_blocks = min(self.blocks.blocks_for(max(max_tokens, 1)), self.max_width)
         widths = sorted({width_bucket(n, bs) for n in range(1, n_blocks + 1)})
         for r in rows:
             for w in widths:
-                self._graph(r, w)
+                try:
+                    self._graph(r, w)
+                except GraphCaptureError as e:
+                    log.warning("%s", e)
         return len(self.graphs)
 
     def _graph(self, rows: int, width: int):
@@ -234,13 +255,22 @@ class GraphedPagedStep:
             try:
                 self.graphs[key] = self._capture(rows, width)
             except Exception as e:  # noqa: BLE001 - out of memory, an op that cannot be captured
-                # this stream, not the device: a device sync would break another thread's capture
-                torch.cuda.current_stream(self.runner.device).synchronize()
+                if self.runner.device.type == "cuda":
+                    # this stream, not the device: a device sync would break another thread's capture
+                    torch.cuda.current_stream(self.runner.device).synchronize()
                 if _drop_few_rows(self.runner, rows, e):
                     return self._graph(rows, width)
-                raise GraphCaptureError(f"capturing the paged decode step ({rows} rows, {width} "
-                                        f"blocks) failed: {type(e).__name__}: {e}") from e
+                raise GraphCaptureError(f"capturing the paged decode step ({rows} rows, {width} blocks) "
+                                        f"failed: {type(e).__name__}: {e}; {self._failed(key)}") from e
         return self.graphs[key]
+
+    def _failed(self, key: tuple[int, int]) -> str:
+        tries = self.failed.get(key, (0, 0.0))[0] + 1
+        wait = CAPTURE_BACKOFF_S * 2 ** (tries - 1)
+        self.failed[key] = (tries, time.monotonic() + wait)
+        if tries >= CAPTURE_TRIES:
+            return f"that bucket runs eager from now on ({tries} failed captures)"
+        return f"that bucket runs eager, and its capture is tried again in {wait:.0f} s"
 
     def _capture(self, rows: int, width: int):
         from workers.cuda_graph import capture

@@ -137,6 +137,61 @@ def test_capture_buckets_asks_for_every_row_and_width_bucket_within_the_limits(m
     assert max(w for _, w in asked) == step.max_width == 192
 
 
+def test_a_bucket_whose_capture_fails_runs_eager_and_is_tried_again_later(monkeypatch):
+    """A failed capture bars only its bucket, for 10 s, then 20 s, and for good after 3 failures;
+    capture_buckets logs a failing bucket and goes on with the others."""
+    from workers import paged_decode
+    r = tiny()
+    bm = BlockManager(r, 64, 16)
+    step = paged_decode.GraphedPagedStep(r, bm, max_batch=4, max_tokens=500)
+    bm.allocate(0, 20)
+    bm.allocate(1, 300)
+    clock = [1000.0]
+    monkeypatch.setattr(paged_decode.time, "monotonic", lambda: clock[0])
+    small = step._bucket([0])
+
+    def capture(rows, width):
+        if (rows, width) == small:
+            raise RuntimeError("CUDA out of memory")
+        return "graph"
+    monkeypatch.setattr(step, "_capture", capture)
+    assert step.capture_buckets(500) == len(step.graphs) == 3 * 2 - 1  # rows 1, 2, 4 x 2 widths
+    assert step.fits([1]) and step.fits([0, 1]) and not step.fits([0])
+    for wait, said in ((10, "again in 20 s"), (20, "from now on")):
+        clock[0] += wait - 0.1
+        assert not step.fits([0])
+        clock[0] += 0.1
+        assert step.fits([0])
+        with pytest.raises(paged_decode.GraphCaptureError, match=said):
+            step([0], [5])
+    clock[0] += 10**6
+    assert not step.fits([0]) and step.failed[small][0] == paged_decode.CAPTURE_TRIES
+
+
+def test_a_failed_capture_runs_that_step_eager_and_keeps_the_graphs(monkeypatch):
+    from workers.paged_decode import GraphCaptureError
+    eng = ReuseEngine(tiny(dtype=torch.float32), settings=FULL)
+    prompt = ids(9, 4)
+    want = alone(eng, prompt, 6).token_ids
+
+    class Failing:  # a graphed step whose captures fail (as after an out-of-memory)
+        tries = 0
+
+        def fits(self, sids):
+            return True
+
+        def __call__(self, sids, tokens):
+            self.tries += 1
+            raise GraphCaptureError("capturing the paged decode step failed: out of memory")
+
+    b = ContinuousBatcher(eng, blocks=BlockManager(eng.runner, 16, 16))
+    b.graphed = g = Failing()
+    t = b.submit(BatchRequest(prompt, 6, stop_ids=()))
+    b.run()
+    assert t.result().token_ids == want
+    assert b.graphed is g and g.tries == b.stats["capture_failures"] == b.stats["decode_steps"] > 0
+
+
 def test_the_batcher_graphs_nothing_on_cpu():
     b = ContinuousBatcher(ReuseEngine(tiny(), settings=FULL), blocks=BlockManager(tiny(), 8, 4))
     assert b.graphed is None and b.blocks.scratch is None and b.blocks.num_blocks == 8
