@@ -18,6 +18,8 @@ Series (counters get ``_total``, histograms ``_bucket``/``_sum``/``_count``):
   kvcluster:tier_bytes{worker,tier}                  kvcluster:tier_hits_total{worker,tier}
   kvcluster:tier_misses_total{worker,tier}           kvcluster:tier_bytes_in_total{worker,tier}
   kvcluster:tier_bytes_out_total{worker,tier}        kvcluster:tier_corrupt_total{worker,tier}
+  kvcluster:batched_decode_steps_total{worker,path}  (path: graph or eager)
+  kvcluster:graph_capture_failures_total{worker}     kvcluster:kv_block_usage{worker} (0..1)
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ _TPOT = (0.005, 0.01, 0.02, 0.04, 0.08, 0.12, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0
 _FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
-class _TierCollector:
+class _WorkerCollector:
     def __init__(self) -> None:
         self.snapshot: dict[str, dict] = {}
         self.lock = threading.Lock()
@@ -60,6 +62,28 @@ class _TierCollector:
                         fam.add_metric([worker, tier], counts[k])
         yield used
         yield from fams.values()
+        yield from _batching_families(snap)
+
+
+def _batching_families(snap: dict[str, dict]):
+    """The continuous batcher's counters per worker: decode steps replayed from CUDA graphs or run
+    eager, failed graph captures, and the share of the paged KV blocks in use."""
+    steps = CounterMetricFamily(P + "batched_decode_steps", "Batched decode steps, by path",
+                                labels=["worker", "path"])
+    failures = CounterMetricFamily(P + "graph_capture_failures", "Batched decode graphs that failed to capture",
+                                   labels=["worker"])
+    usage = GaugeMetricFamily(P + "kv_block_usage", "Share of the paged KV blocks in use", labels=["worker"])
+    for worker, st in sorted(snap.items()):
+        b = st.get("batching") or {}
+        if not b:
+            continue
+        graph = b.get("graph_steps", 0)
+        steps.add_metric([worker, "graph"], graph)
+        steps.add_metric([worker, "eager"], max(0, b.get("decode_steps", 0) - graph))
+        failures.add_metric([worker], b.get("capture_failures", 0))
+        if b.get("blocks_total"):
+            usage.add_metric([worker], 1 - b.get("blocks_free", 0) / b["blocks_total"])
+    yield from (steps, failures, usage)
 
 
 class Metrics:
@@ -97,7 +121,7 @@ class Metrics:
         self.retries = Counter(P + "worker_retries", "Requests run again because their worker was lost",
                                registry=r)
         self.workers_up = Gauge(P + "workers_up", "Workers taking requests", registry=r)
-        self._tiers = _TierCollector()
+        self._tiers = _WorkerCollector()
         r.register(self._tiers)
 
     # -- updates ---------------------------------------------------------------------------------

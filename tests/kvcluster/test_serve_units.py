@@ -70,7 +70,10 @@ def test_metrics_render_with_the_prefix_and_worker_tiers():
                                                         "channel": "ray", "dropped": ["x"]}}, 0.2)
     m.observe_done({"completion_tokens": 5, "queue_s": 0.1}, 0.2, 1.0)
     m.set_worker_stats({"w0": {"tier_used_bytes": {"host": 123}, "tiers": {"host": {"hits": 3, "misses": 1},
-                                                                          "store": {"write_dropped": 0}}}})
+                                                                          "store": {"write_dropped": 0}},
+                               "batching": {"decode_steps": 10, "graph_steps": 7, "capture_failures": 1,
+                                            "blocks_total": 8, "blocks_free": 6}},
+                        "w1": {"batching": None}})
     body, ctype = m.render()
     fams = {f.name: f for f in text_string_to_metric_families(body.decode())}
     assert all(n.startswith("kvcluster:") for n in fams)
@@ -81,3 +84,8 @@ def test_metrics_render_with_the_prefix_and_worker_tiers():
     assert samples[("kvcluster:tier_hits_total", (("tier", "host"), ("worker", "w0")))] == 3
     assert samples[("kvcluster:transfer_failures_total", ())] == 1
     assert samples[("kvcluster:time_per_output_token_seconds_count", ())] == 1
+    assert samples[("kvcluster:batched_decode_steps_total", (("path", "graph"), ("worker", "w0")))] == 7
+    assert samples[("kvcluster:batched_decode_steps_total", (("path", "eager"), ("worker", "w0")))] == 3
+    assert samples[("kvcluster:graph_capture_failures_total", (("worker", "w0"),))] == 1
+    assert samples[("kvcluster:kv_block_usage", (("worker", "w0"),))] == 0.25
+    assert not any(dict(k[1]).get("worker") == "w1" for k in samples)  # no batcher there: no series
