@@ -121,8 +121,8 @@ class Metrics:
         self.retries = Counter(P + "worker_retries", "Requests run again because their worker was lost",
                                registry=r)
         self.workers_up = Gauge(P + "workers_up", "Workers taking requests", registry=r)
-        self._tiers = _WorkerCollector()
-        r.register(self._tiers)
+        self._workers = _WorkerCollector()
+        r.register(self._workers)
 
     # -- updates ---------------------------------------------------------------------------------
     def observe_prefill(self, ev: dict, ttft_s: float) -> None:
@@ -155,8 +155,8 @@ class Metrics:
             self.queue_time.observe(done["queue_s"])
 
     def set_worker_stats(self, stats: dict[str, dict]) -> None:
-        with self._tiers.lock:
-            self._tiers.snapshot = dict(stats)
+        with self._workers.lock:
+            self._workers.snapshot = dict(stats)
 
     def set_router_stats(self, running: int, waiting: int, workers_up: int) -> None:
         self.running.set(running)

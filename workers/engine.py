@@ -113,7 +113,7 @@ class GenerationResult:
 def _sync(device: torch.device) -> None:
     """Wait for this thread's stream only. A device-wide sync (cudaDeviceSynchronize) from a
     request thread invalidates a CUDA graph being captured in another thread (the batcher's),
-    whatever the capture mode: that capture fails and the batcher runs eager from then on."""
+    whatever the capture mode: that capture fails, and its batch size runs eager for a while."""
     torch.cuda.current_stream(device).synchronize()
 
 
