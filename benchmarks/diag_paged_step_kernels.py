@@ -1,6 +1,6 @@
 """Kernel table of one graphed batched decode step (Llama-3-8B shape, random bf16), per path: the
 op-by-op step on cuBLAS (``KVCLUSTER_PAGED_GEMV_ROWS=0``) and the few-row GEMV step (16), at B rows
-of N tokens. Finds which kernels make the few-row step slower at 4+ rows (diagnostic: prints).
+of N tokens: where each step's time goes, kernel by kernel (diagnostic: prints).
 
     python3 benchmarks/diag_paged_step_kernels.py [--batch 4] [--tokens 1024] [--top 14]
 """

@@ -10,8 +10,8 @@ Per (B, N), ms per step, median of ``--steps`` steps after two warm-up steps, fo
 - graph, gather / graph, kernel: the same replayed as a CUDA graph (``GraphedPagedStep``), the
   linears on cuBLAS at every row count (``KVCLUSTER_PAGED_GEMV_ROWS=0``);
 - graph, kernel + GEMV: in the graph, up to 16 rows, the linears as GEMV kernels with the norm,
-  SiLU x up and residual folded in, K/V written by the q/k/v kernel (``KVCLUSTER_PAGED_GEMV_ROWS=16``;
-  the default, 1, takes this path at one row and "graph, kernel" above).
+  SiLU x up and residual folded in, K/V written by the q/k/v kernel (``KVCLUSTER_PAGED_GEMV_ROWS=16``,
+  the default).
 Against the limit: the weights (and LM head) read once plus every sequence's K/V read once, over
 the device-to-device copy bandwidth measured in the same run. Output tokens/s = B / step time.
 Needs torch and triton only.

@@ -204,14 +204,16 @@ class GraphedPagedStep:
         """Blocks of the longest table once every sequence has room for its next token."""
         return max(self.blocks.blocks_for(self.blocks.lengths[i] + 1) for i in seq_ids)
 
-    def _bucket(self, seq_ids: list[int]) -> tuple[int, int]:
-        return batch_bucket(len(seq_ids)), width_bucket(self._widest(seq_ids), self.blocks.block_size)
+    def _bucket(self, seq_ids: list[int], widest: int | None = None) -> tuple[int, int]:
+        widest = self._widest(seq_ids) if widest is None else widest
+        return batch_bucket(len(seq_ids)), width_bucket(widest, self.blocks.block_size)
 
     def fits(self, seq_ids: list[int]) -> bool:
         """Whether these sequences replay (or may now capture) a graph; else the eager step."""
-        if len(seq_ids) > self.max_rows or self._widest(seq_ids) > self.max_width:
+        widest = self._widest(seq_ids)
+        if len(seq_ids) > self.max_rows or widest > self.max_width:
             return False
-        key = self._bucket(seq_ids)
+        key = self._bucket(seq_ids, widest)
         tries, next_try = self.failed.get(key, (0, 0.0))
         return key in self.graphs or (tries < CAPTURE_TRIES and time.monotonic() >= next_try)
 
